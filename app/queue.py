@@ -1,0 +1,40 @@
+"""The web tier's side of Celery: enqueue by task name, never import the workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from config.celery import TASK_GENERATE, celery_config
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class QueueUnavailable(Exception):
+    """The broker could not take the task."""
+
+
+class QueueClient:
+    """Sends `chat.generate` tasks to the model's queue and measures its depth."""
+
+    def __init__(self, settings: Settings, redis_client):
+        self.celery = Celery("chat-web")
+        self.celery.conf.update(celery_config(settings))
+        self.queue = settings.queue
+        self.redis = redis_client
+
+    def depth(self) -> int:
+        """Tasks waiting on the queue, not yet taken by a worker."""
+        return int(self.redis.llen(self.queue))
+
+    def enqueue(self, request_id: str) -> None:
+        started = time.monotonic()
+        try:
+            self.celery.send_task(TASK_GENERATE, args=[request_id], queue=self.queue, task_id=request_id)
+        except (OperationalError, OSError) as exc:
+            logger.error("Broker unavailable after %.2fs: %s", time.monotonic() - started, exc)
+            raise QueueUnavailable(str(exc)) from exc

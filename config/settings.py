@@ -1,0 +1,96 @@
+"""The one typed settings object; the only place that reads the environment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    """Every knob of both tiers; read from ``CHAT_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=None, extra="ignore", frozen=True)
+
+    # Where things live and listen (``make run`` starts these servers on loopback).
+    data_dir: Path = ROOT / "data"
+    host: str = "127.0.0.1"
+    web_port: int = 8000
+    flower_port: int = 5555
+    redis_port: int = 6390
+    primary_port: int = 5440
+    replica_port: int = 5441
+
+    # Backing services. Empty means "the local ones on the ports above".
+    broker_url: str = ""
+    redis_url: str = ""
+    database_url: str = ""
+    replica_url: str = ""
+
+    # The model and how a worker runs it.
+    model: str = str(DEFAULT_MODEL_DIR)
+    model_queue: str = ""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    torch_threads: int = 0
+    worker_concurrency: int = Field(1, ge=1)
+    system_prompt: str = "You are a helpful assistant."
+
+    # Limits.
+    max_content_chars: int = Field(8000, ge=1)
+    max_frame_bytes: int = Field(65536, ge=1024)
+    default_max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens_cap: int = Field(512, ge=1)
+    max_temperature: float = Field(2.0, ge=0)
+    allowed_origins: list[str] = []
+
+    # Token streams in Redis.
+    stream_ttl_s: int = Field(3600, ge=10)
+    stream_maxlen: int = Field(20000, ge=100)
+    worker_heartbeat_s: int = Field(5, ge=1)
+
+    # Web server.
+    web_threads: int = Field(64, ge=4)
+    secret_key: str = "change-me-in-production"
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @computed_field
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+
+    @computed_field
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or self.resolved_redis_url
+
+    @computed_field
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or _local_pg(self.host, self.primary_port)
+
+    @computed_field
+    @property
+    def resolved_replica_url(self) -> str:
+        return self.replica_url or _local_pg(self.host, self.replica_port)
+
+    @computed_field
+    @property
+    def queue(self) -> str:
+        """The Celery queue of this model: ``gen.<model>``; workers and web agree on it."""
+        if self.model_queue:
+            return self.model_queue
+        name = Path(self.model.rstrip("/")).name or self.model
+        return "gen." + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _local_pg(host: str, port: int) -> str:
+    return f"postgresql+psycopg://chat@{host}:{port}/chat"

@@ -1,0 +1,74 @@
+"""The workers' Celery app, built from settings; the model loads once the worker starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery import Celery
+from celery.signals import worker_init, worker_shutdown
+
+from app import streams
+from app.storage import Store
+from config.celery import celery_config
+from config.logging import configure_logging
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+settings = Settings()
+celery = Celery("chat-workers", include=["workers.tasks"])
+celery.conf.update(celery_config(settings))
+# Tasks run on threads: they all share the one model loaded in this process.
+celery.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency,
+                   task_queues=None, task_create_missing_queues=True)
+
+_runtime: dict = {}
+
+
+def runtime():
+    """The handler of this worker process (built by :func:`_start`)."""
+    if "handler" not in _runtime:
+        raise RuntimeError("the worker has not loaded its model yet")
+    return _runtime["handler"]
+
+
+@worker_init.connect
+def _start(sender=None, **_):
+    """Load the model in this process, after start-up, then say so every few seconds."""
+    configure_logging(settings.log_level, settings.log_json)
+    from workers.engine import Engine
+    from workers.handler import RequestHandler
+    from workers.model import load_model
+
+    loaded = load_model(settings.model, settings.device, settings.dtype, settings.torch_threads)
+    redis_client = streams.connect(settings.resolved_redis_url)
+    store = Store(settings.resolved_database_url, settings.resolved_replica_url,
+                  pool_size=settings.worker_concurrency + 1)
+    publisher = streams.StreamPublisher(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
+    _runtime["handler"] = RequestHandler(store, publisher, Engine(loaded), settings.system_prompt,
+                                         settings.default_max_new_tokens)
+    name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
+    info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."), "pid": os.getpid(), "since": time.time()}
+    stop = threading.Event()
+    _runtime["stop"] = stop
+
+    def heartbeat():
+        while not stop.is_set():
+            try:
+                streams.beat(redis_client, name, info, ttl_s=3 * settings.worker_heartbeat_s)
+            except Exception as exc:  # Redis away for a moment: try again next beat
+                logger.warning("Heartbeat failed: %s", exc)
+            stop.wait(settings.worker_heartbeat_s)
+
+    threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop(**_):
+    if "stop" in _runtime:
+        _runtime["stop"].set()

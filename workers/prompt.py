@@ -1,0 +1,30 @@
+"""Building a prompt from a conversation with the model's chat template."""
+
+from __future__ import annotations
+
+
+def build_prompt_ids(tokenizer, system_prompt: str, history: list[dict], max_prompt_tokens: int) -> list[int]:
+    """Token ids of the chat-templated conversation, cut to ``max_prompt_tokens``.
+
+    Whole turns are dropped oldest first; the system prompt always stays. Should
+    the newest message alone be too long, its oldest tokens go.
+    """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    turns = list(history)
+    while True:
+        ids = _template(tokenizer, system + turns)
+        if len(ids) <= max_prompt_tokens:
+            return ids
+        if len(turns) > 1:
+            # Drop the oldest turn; never start the kept history with an assistant turn.
+            turns.pop(0)
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns.pop(0)
+            continue
+        return ids[-max_prompt_tokens:]
+
+
+def _template(tokenizer, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding; older releases a plain list.
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
