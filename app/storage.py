@@ -176,7 +176,7 @@ class Store:
         try:
             with self.session(primary=True) as s:
                 if conversation_id is None:
-                    conv = Conversation(owner=owner, title=_title(content))
+                    conv = Conversation(id=new_id(), owner=owner, title=_title(content))
                     s.add(conv)
                     s.flush()
                 else:
@@ -185,7 +185,7 @@ class Store:
                     if conv is None:
                         raise NotFound(conversation_id)
                     conv.updated_at = func.now()
-                req = ChatRequest(owner=owner, client_id=client_id, conversation_id=conv.id,
+                req = ChatRequest(id=new_id(), owner=owner, client_id=client_id, conversation_id=conv.id,
                                   user_message_id=new_id(), params=params)
                 s.add(req)
                 s.add(Message(id=req.user_message_id, conversation_id=conv.id, request_id=req.id, role="user",

@@ -8,7 +8,7 @@ the last write so that a reconnecting client can resume.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import redis
 
@@ -60,23 +60,18 @@ def request_cancel(client: redis.Redis, request_id: str, ttl_s: int) -> None:
 
 
 def follow(client: redis.Redis, request_id: str, after_seq: int = -1, block_ms: int = 1000,
-           give_up_s: float | None = None) -> Iterator[dict]:
+           stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:
     """Yield the request's frames with seq > ``after_seq``, live, until its `done`.
 
-    ``give_up_s`` ends the wait when nothing arrives for that long (the caller's
-    socket may have gone); the generator then simply returns.
+    ``stop()`` is asked between blocking reads (at least every ``block_ms``):
+    true ends the generator, as when the client's socket has gone.
     """
     key = stream_key(request_id)
     last_id = "0-0"
-    idle_ms = 0
-    while True:
+    while not stop():
         reply = client.xread({key: last_id}, block=block_ms, count=256)
         if not reply:
-            idle_ms += block_ms
-            if give_up_s is not None and idle_ms >= give_up_s * 1000:
-                return
             continue
-        idle_ms = 0
         for entry_id, fields in reply[0][1]:
             last_id = entry_id
             frame = json.loads(fields["frame"])

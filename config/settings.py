@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     worker_heartbeat_s: int = Field(5, ge=1)
 
     # Web server.
+    web_workers: int = Field(1, ge=1)
     web_threads: int = Field(64, ge=4)
     secret_key: str = "change-me-in-production"
 

@@ -1,0 +1,83 @@
+"""HTTP: the chat page, health, readiness, conversation history, metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, send_from_directory
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import streams
+from app.errors import error_response
+from app.identity import current_owner
+from app.protocol import ErrorCode
+from app.storage import NotFound
+
+logger = logging.getLogger(__name__)
+
+api = Blueprint("api", __name__, static_folder="static")
+
+
+def _services():
+    return current_app.extensions["chat"]
+
+
+@api.get("/")
+def index():
+    current_owner()  # issue the caller's cookie before the page opens its socket
+    return send_from_directory(api.static_folder, "index.html")
+
+
+@api.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@api.get("/readyz")
+def readyz():
+    """200 when Redis, the primary, the replica and a worker with the model answer."""
+    svc = _services()
+    checks: dict[str, str] = {}
+    for name, probe in (("redis", svc.redis.ping), ("primary", lambda: svc.store.ping("primary")),
+                        ("replica", lambda: svc.store.ping("replica"))):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"failed: {type(exc).__name__}"
+    try:
+        workers = [w for w in streams.live_workers(svc.redis) if w.get("queue") == svc.settings.queue]
+        checks["worker"] = "ok" if workers else f"failed: no worker with a loaded model on {svc.settings.queue}"
+    except Exception as exc:
+        checks["worker"] = f"failed: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    return jsonify(body), 200 if ready else 503
+
+
+@api.get("/api/conversations")
+def conversations():
+    return jsonify({"conversations": _services().store.list_conversations(current_owner())})
+
+
+@api.get("/api/conversations/<conversation_id>/messages")
+def messages(conversation_id: str):
+    try:
+        rows = _services().store.list_messages(current_owner(), conversation_id)
+    except NotFound:
+        return error_response(ErrorCode.NOT_FOUND, "no such conversation")
+    return jsonify({"conversation_id": conversation_id, "messages": rows})
+
+
+@api.delete("/api/conversations/<conversation_id>")
+def delete_conversation(conversation_id: str):
+    try:
+        _services().store.delete_conversation(current_owner(), conversation_id)
+    except NotFound:
+        return error_response(ErrorCode.NOT_FOUND, "no such conversation")
+    return "", 204
+
+
+@api.get("/metrics")
+def metrics():
+    return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}

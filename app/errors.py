@@ -1,0 +1,41 @@
+"""One way to build HTTP errors, and the handlers that turn failures into them."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from app.protocol import HTTP_STATUS, ErrorCode
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.UNAUTHORIZED,
+               404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE,
+               429: ErrorCode.RATE_LIMITED}
+
+
+def error_response(code: ErrorCode, message: str, status: int | None = None):
+    """``{"error": {"code", "message"}}`` with the status that matches the code."""
+    return jsonify({"error": {"code": code.value, "message": message}}), status or HTTP_STATUS[code]
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        code = _HTTP_CODES.get(exc.code, ErrorCode.INTERNAL if exc.code >= 500 else ErrorCode.BAD_REQUEST)
+        return error_response(code, exc.description or exc.name, exc.code)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(redis.RedisError)
+    def _unavailable(exc: Exception):
+        logger.error("Backing service unavailable: %s", exc)
+        return error_response(ErrorCode.UNAVAILABLE, "a backing service is unavailable; try again")
+
+    @app.errorhandler(Exception)
+    def _internal(exc: Exception):
+        logger.exception("Unhandled error")
+        return error_response(ErrorCode.INTERNAL, "internal error")

@@ -1,0 +1,58 @@
+"""The application factory of the web tier (gunicorn: ``app.web:create_app()``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask
+
+from app import streams
+from app.queue import QueueClient
+from app.storage import Store
+from config.logging import configure_logging
+from config.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the handlers use; built once per process and passed in, never imported."""
+
+    settings: Settings
+    store: Store
+    redis: object
+    queue: QueueClient
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the web app: settings, store, queue client, WebSocket, REST, errors."""
+    from app.api import api
+    from app.errors import register_error_handlers
+    from app.ws import check_origin_and_identify, sock
+
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_HTTPONLY=True,
+        # Frames over the limit close the socket with 1009 (simple-websocket does it).
+        SOCK_SERVER_OPTIONS={"max_message_size": settings.max_frame_bytes, "ping_interval": 25},
+    )
+    redis_client = streams.connect(settings.resolved_redis_url, max_connections=4 * settings.web_threads)
+    app.extensions["chat"] = Services(
+        settings=settings,
+        store=Store(settings.resolved_database_url, settings.resolved_replica_url,
+                    pool_size=min(settings.web_threads, 20)),
+        redis=redis_client,
+        queue=QueueClient(settings, redis_client),
+    )
+    app.before_request(check_origin_and_identify)
+    sock.init_app(app)
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    logger.info("Web tier ready: queue %s, primary and replica configured", settings.queue)
+    return app

@@ -1,0 +1,180 @@
+"""The WebSocket protocol at ``/ws``: parse frames, dispatch on type, answer in contract frames."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import redis
+from flask import abort, current_app, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+from sqlalchemy.exc import OperationalError
+
+from app import metrics, streams
+from app.identity import current_owner
+from app.protocol import (
+    Cancel,
+    Chat,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Resume,
+    accepted_frame,
+    error_frame,
+    parse_client_frame,
+)
+from app.queue import QueueUnavailable
+from app.storage import NotFound
+
+logger = logging.getLogger(__name__)
+
+sock = Sock()
+
+UNAVAILABLE = "a backing service is unavailable; nothing was stored, try again"
+
+
+class Connection:
+    """One client's socket: the receive loop here, one follower thread per request it watches."""
+
+    def __init__(self, ws, services, owner: str):
+        self.ws = ws
+        self.svc = services
+        self.owner = owner
+        self._send_lock = threading.Lock()
+        self._followers: dict[str, threading.Event] = {}
+        self._followers_lock = threading.Lock()
+
+    def send(self, frame: dict, follower: threading.Event | None = None) -> None:
+        with self._send_lock:
+            # A follower replaced by a newer `resume` must not send any more.
+            if follower is not None and follower.is_set():
+                return
+            self.ws.send(json.dumps(frame, ensure_ascii=False))
+        if frame["type"] == "error":
+            metrics.ERRORS.labels(frame["code"]).inc()
+
+    def serve(self) -> None:
+        try:
+            while True:
+                raw = self.ws.receive()
+                if raw is None:
+                    continue
+                self.handle(raw)
+        finally:
+            with self._followers_lock:
+                for stop in self._followers.values():
+                    stop.set()
+
+    def handle(self, raw: str | bytes) -> None:
+        frame = None
+        try:
+            frame = parse_client_frame(raw, self.svc.settings.max_content_chars)
+            metrics.FRAMES_IN.labels(frame.type).inc()
+            if isinstance(frame, Chat):
+                self.chat(frame)
+            elif isinstance(frame, Cancel):
+                self.cancel(frame)
+            elif isinstance(frame, Resume):
+                self.resume(frame)
+            elif isinstance(frame, Ping):
+                self.send({"type": "pong"})
+        except ProtocolError as exc:
+            self.send(error_frame(exc))
+        except (OperationalError, redis.RedisError) as exc:
+            logger.error("Backing service unavailable: %s", exc)
+            self.send(error_frame(ProtocolError(ErrorCode.UNAVAILABLE, UNAVAILABLE, getattr(frame, "request_id", None))))
+        except ConnectionClosed:
+            raise
+        except Exception:
+            logger.exception("Unhandled error on a %s frame", getattr(frame, "type", "malformed"))
+            self.send(error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error")))
+
+    def chat(self, frame: Chat) -> None:
+        settings = self.svc.settings
+        params = {
+            "max_new_tokens": min(frame.max_new_tokens or settings.default_max_new_tokens, settings.max_new_tokens_cap),
+            "temperature": float(frame.temperature or 0.0),
+        }
+        if params["temperature"] > settings.max_temperature:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"temperature: at most {settings.max_temperature}")
+        try:
+            accepted = self.svc.store.accept_chat(self.owner, frame.content, frame.conversation_id,
+                                                  frame.client_id, params)
+        except NotFound:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such conversation") from None
+        if accepted.created:
+            try:
+                depth = self.svc.queue.depth()
+                self.svc.queue.enqueue(accepted.request_id)
+            except (QueueUnavailable, redis.RedisError) as exc:
+                logger.error("Could not enqueue request %s: %s", accepted.request_id, exc)
+                self.svc.store.forget_request(accepted.request_id, drop_conversation=frame.conversation_id is None)
+                raise ProtocolError(ErrorCode.UNAVAILABLE, UNAVAILABLE) from None
+            metrics.ACCEPTED.inc()
+        else:
+            depth = self.svc.queue.depth()
+        self.send(accepted_frame(accepted.request_id, accepted.conversation_id, accepted.user_message_id, depth))
+        self.follow(accepted.request_id, -1)
+
+    def cancel(self, frame: Cancel) -> None:
+        if not self.svc.store.owns_request(self.owner, frame.request_id):
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such request", frame.request_id)
+        streams.request_cancel(self.svc.redis, frame.request_id, self.svc.settings.stream_ttl_s)
+
+    def resume(self, frame: Resume) -> None:
+        if not self.svc.store.owns_request(self.owner, frame.request_id):
+            raise ProtocolError(ErrorCode.NOT_FOUND, "no such request", frame.request_id)
+        self.follow(frame.request_id, frame.after_seq)
+
+    def follow(self, request_id: str, after_seq: int) -> None:
+        """Forward the request's stream from ``after_seq`` on a thread of its own."""
+        stop = threading.Event()
+        with self._followers_lock:
+            previous = self._followers.get(request_id)
+            if previous is not None:
+                previous.set()
+            self._followers[request_id] = stop
+        threading.Thread(target=self._forward, args=(request_id, after_seq, stop),
+                         name=f"follow-{request_id[:8]}", daemon=True).start()
+
+    def _forward(self, request_id: str, after_seq: int, stop: threading.Event) -> None:
+        try:
+            for frame in streams.follow(self.svc.redis, request_id, after_seq, stop=stop.is_set):
+                self.send(frame, follower=stop)
+        except ConnectionClosed:
+            pass
+        except redis.RedisError as exc:
+            logger.error("Lost the token stream of %s: %s", request_id, exc)
+            try:
+                self.send(error_frame(ProtocolError(
+                    ErrorCode.UNAVAILABLE, "token stream interrupted; send resume to continue", request_id)),
+                    follower=stop)
+            except ConnectionClosed:
+                pass
+        finally:
+            with self._followers_lock:
+                if self._followers.get(request_id) is stop:
+                    del self._followers[request_id]
+
+
+@sock.route("/ws")
+def websocket(ws):
+    svc = current_app.extensions["chat"]
+    metrics.OPEN_SOCKETS.inc()
+    try:
+        Connection(ws, svc, request.environ["chat.owner"]).serve()
+    finally:
+        metrics.OPEN_SOCKETS.dec()
+
+
+def check_origin_and_identify() -> None:
+    """Before the handshake: refuse foreign origins, and fix who the caller is."""
+    if request.path != "/ws":
+        return
+    origin = request.headers.get("Origin")
+    allowed = current_app.extensions["chat"].settings.allowed_origins
+    if origin and origin not in allowed and origin.split("://", 1)[-1] != request.host:
+        abort(403, description="origin not allowed")
+    request.environ["chat.owner"] = current_owner()

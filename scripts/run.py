@@ -1,0 +1,73 @@
+"""``make run``: start the whole stack on loopback in the foreground; Ctrl-C stops it all.
+
+Redis, a PostgreSQL primary and streaming replica, migrations, one Celery
+worker with the model, the web server and Flower, all in the data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+from config.logging import configure_logging
+from config.settings import Settings
+from scripts.services import PostgresPair, migrate, start_flower, start_redis, start_web, start_worker
+
+logger = logging.getLogger("run")
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    data = settings.data_dir.resolve()
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = []
+    pg = PostgresPair(data / "pg", settings.primary_port, settings.replica_port)
+
+    def stop_all(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    try:
+        logger.info("Starting Redis on port %d", settings.redis_port)
+        started.append(start_redis(settings.redis_port, data / "redis", logs))
+        logger.info("Starting PostgreSQL primary on %d and replica on %d", settings.primary_port,
+                    settings.replica_port)
+        pg.start()
+        logger.info("Migrating the primary")
+        migrate(settings.resolved_database_url)
+        logger.info("Starting a worker on queue %s (loading %s)", settings.queue, settings.model)
+        started.append(start_worker(settings, "cpu0@%h", logs))
+        logger.info("Starting the web server")
+        started.append(start_web(settings, logs))
+        started.append(start_flower(settings, logs))
+        print(f"\n  Chat page: http://{settings.host}:{settings.web_port}/"
+              f"\n  Flower:    http://{settings.host}:{settings.flower_port}/"
+              f"\n  Logs:      {logs}/\n\n  Press Ctrl-C to stop.\n", flush=True)
+        while True:
+            for proc in started:
+                if not proc.alive():
+                    logger.error("%s exited (%s); stopping; see %s", proc.name, proc.proc.returncode,
+                                 proc.log_path)
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        logger.info("Stopping")
+        return 0
+    except Exception:
+        logger.exception("Start-up failed")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for proc in reversed(started):
+            proc.stop()
+        pg.stop()
+        logger.info("Everything stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Start and stop the real servers on loopback: Redis, a PostgreSQL primary with a
+streaming replica, Celery workers, gunicorn and Flower.
+
+Used by ``make run`` (scripts/run.py) and by the integration tests. Every
+process is started by us, in a session of its own, and stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+
+from config.settings import ROOT, Settings
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build the same ``Settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        env["CHAT_" + name.upper()] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
+
+
+class Process:
+    """One child process in its own session, with its output in a log file or on our terminal."""
+
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, log_dir: Path | None = None,
+                 cwd: Path = ROOT):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log" if log_dir else None
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        if out:
+            out.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def tail(self, lines: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --- Redis -------------------------------------------------------------------
+
+def start_redis(port: int, data_dir: Path, log_dir: Path | None) -> Process:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    proc = Process("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+                             "--daemonize", "no", "--save", "", "--appendonly", "yes"], log_dir=log_dir)
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    wait_until(ping, 15, "redis", proc.proc)
+    return proc
+
+
+# --- PostgreSQL --------------------------------------------------------------
+
+def pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin folder."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    if found:
+        return Path(found[-1])
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).parent
+    raise RuntimeError("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin)")
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root.
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def _pg_run(argv: list[str], log: Path | None = None) -> None:
+    result = subprocess.run(_as_postgres(argv), capture_output=True, text=True, cwd="/",
+                            start_new_session=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+class PostgresPair:
+    """A primary and a streaming replica made with ``pg_basebackup -R``."""
+
+    def __init__(self, root: Path, primary_port: int, replica_port: int, durable: bool = True):
+        self.root = root
+        self.primary_dir = root / "primary"
+        self.replica_dir = root / "replica"
+        self.primary_port = primary_port
+        self.replica_port = replica_port
+        self.durable = durable
+        self.bin = pg_bin()
+
+    def url(self, port: int) -> str:
+        return f"postgresql+psycopg://chat@127.0.0.1:{port}/chat"
+
+    def _prepare_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            # The postgres user must be able to reach the folder.
+            for parent in self.root.parents:
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    raise RuntimeError(f"{parent} is not searchable by the postgres user; use another data folder")
+
+    def _conf(self, port: int) -> str:
+        lines = [f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.root}'",
+                 "wal_level = replica", "max_wal_senders = 10", "hot_standby = on", "wal_keep_size = 256MB"]
+        if not self.durable:
+            lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+        return "\n# chat backend\n" + "\n".join(lines) + "\n"
+
+    def _ctl(self, data: Path, action: str) -> None:
+        argv = [str(self.bin / "pg_ctl"), "-D", str(data), "-w", "-t", "60"]
+        if action == "start":
+            argv += ["-l", str(self.root / f"{data.name}.log"), "start"]
+        else:
+            argv += ["-m", "fast", "stop"]
+        _pg_run(argv)
+
+    def _running(self, data: Path) -> bool:
+        result = subprocess.run(_as_postgres([str(self.bin / "pg_ctl"), "-D", str(data), "status"]),
+                                capture_output=True, cwd="/")
+        return result.returncode == 0
+
+    def start(self) -> None:
+        self._prepare_root()
+        if not (self.primary_dir / "PG_VERSION").exists():
+            shutil.rmtree(self.replica_dir, ignore_errors=True)
+            _pg_run([str(self.bin / "initdb"), "-D", str(self.primary_dir), "-U", "chat", "--auth=trust",
+                     "-E", "UTF8", "--no-sync"])
+            with open(self.primary_dir / "postgresql.conf", "a") as f:
+                f.write(self._conf(self.primary_port))
+        if not self._running(self.primary_dir):
+            self._ctl(self.primary_dir, "start")
+        with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="postgres",
+                             autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'chat'").fetchone():
+                conn.execute("CREATE DATABASE chat")
+        if not (self.replica_dir / "PG_VERSION").exists():
+            _pg_run([str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary_port),
+                     "-U", "chat", "-D", str(self.replica_dir), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"])
+            # pg_basebackup copies the primary's port: the replica's own line comes last and wins.
+            with open(self.replica_dir / "postgresql.conf", "a") as f:
+                f.write(self._conf(self.replica_port))
+        if not self._running(self.replica_dir):
+            self._ctl(self.replica_dir, "start")
+        wait_until(self._replica_streaming, 30, "replica streaming")
+
+    def _replica_streaming(self) -> bool:
+        with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat",
+                             connect_timeout=2) as conn:
+            return conn.execute("SELECT pg_is_in_recovery() AND status = 'streaming' "
+                                "FROM pg_stat_wal_receiver").fetchone() == (True,)
+
+    def stop(self) -> None:
+        for data in (self.replica_dir, self.primary_dir):
+            if (data / "PG_VERSION").exists() and self._running(data):
+                try:
+                    self._ctl(data, "stop")
+                except RuntimeError as exc:
+                    logger.warning("%s", exc)
+
+    def wait_replayed(self, timeout: float = 10) -> None:
+        """Wait until the replica has replayed everything the primary has written."""
+        with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="chat",
+                             autocommit=True) as conn:
+            lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+
+        def replayed() -> bool:
+            with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat") as conn:
+                return conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
+
+        wait_until(replayed, timeout, "replica replay")
+
+
+def migrate(database_url: str) -> None:
+    """``alembic upgrade head`` on the primary."""
+    subprocess.run([sys.executable, "-m", "alembic", "-c", str(ROOT / "migrations" / "alembic.ini"),
+                    "upgrade", "head"], check=True, cwd=ROOT,
+                   env={**os.environ, "CHAT_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)})
+
+
+# --- Celery, gunicorn, Flower --------------------------------------------------
+
+def start_worker(settings: Settings, name: str, log_dir: Path | None, extra_env: dict | None = None) -> Process:
+    """One Celery worker process on the model's queue; ready once its model is loaded."""
+    env = {**settings_env(settings), **(extra_env or {})}
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-n", name,
+            "-Q", settings.queue, "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
+    proc = Process(name.split("@")[0], argv, env=env, log_dir=log_dir)
+    import redis
+
+    client = redis.Redis.from_url(settings.resolved_redis_url)
+
+    def loaded() -> bool:
+        # The heartbeat key appears once the model has loaded in the worker.
+        return any(json.loads(v).get("pid") == proc.pid for v in client.mget(list(client.scan_iter("worker:*"))) if v)
+
+    try:
+        wait_until(loaded, 180, f"worker {name}", proc.proc)
+    finally:
+        client.close()
+    return proc
+
+
+def start_web(settings: Settings, log_dir: Path | None) -> Process:
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config" / "gunicorn.py"), "app.web:create_app()"]
+    proc = Process("web", argv, env=settings_env(settings), log_dir=log_dir)
+    url = f"http://{settings.host}:{settings.web_port}/healthz"
+    wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60, "web", proc.proc)
+    return proc
+
+
+def start_flower(settings: Settings, log_dir: Path | None) -> Process:
+    env = {**settings_env(settings), "FLOWER_UNAUTHENTICATED_API": "true"}
+    argv = [sys.executable, "-m", "celery", "--broker", settings.resolved_broker_url, "flower",
+            f"--address={settings.host}", f"--port={settings.flower_port}"]
+    proc = Process("flower", argv, env=env, log_dir=log_dir)
+    url = f"http://{settings.host}:{settings.flower_port}/healthcheck"
+    wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60, "flower", proc.proc)
+    return proc
