@@ -226,7 +226,7 @@ class PostgresPair:
         """Wait until the replica has replayed everything the primary has written."""
         with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="chat",
                              autocommit=True) as conn:
-            lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
 
         def replayed() -> bool:
             with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat") as conn:

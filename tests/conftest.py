@@ -1,0 +1,162 @@
+"""Session fixtures that start the real stack once: Redis, a PostgreSQL primary and
+replica, a Celery worker with the real model, gunicorn and Flower, on free loopback
+ports in a temporary folder. Each test talks as a fresh anonymous caller."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+import websocket
+
+from config.settings import DEFAULT_MODEL_DIR, Settings
+from scripts.services import (
+    PostgresPair,
+    Process,
+    free_port,
+    migrate,
+    start_flower,
+    start_redis,
+    start_web,
+    start_worker,
+)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    root: Path
+    pg: PostgresPair
+    redis: Process
+    worker: Process
+    web: Process
+    flower: Process
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    def primary(self) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.pg.primary_port, user="chat", dbname="chat",
+                               autocommit=True)
+
+    def replica(self) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.pg.replica_port, user="chat", dbname="chat",
+                               autocommit=True)
+
+    def count(self, table: str) -> int:
+        with self.primary() as conn:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def make_settings(root: Path, **overrides) -> Settings:
+    values = dict(data_dir=root, redis_port=free_port(), primary_port=free_port(), replica_port=free_port(),
+                  web_port=free_port(), flower_port=free_port(), model=str(DEFAULT_MODEL_DIR),
+                  default_max_new_tokens=16, max_new_tokens_cap=48, max_content_chars=2000,
+                  max_frame_bytes=8192, web_threads=16, secret_key="test-secret", worker_heartbeat_s=1)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    # Not under pytest's own tmp folder: PostgreSQL runs as another user and must reach it.
+    root = Path(tempfile.mkdtemp(prefix="chat-test-"))
+    os.chmod(root, 0o755)
+    logs = root / "logs"
+    logs.mkdir()
+    settings = make_settings(root)
+    started: list[Process] = []
+    pg = PostgresPair(root / "pg", settings.primary_port, settings.replica_port, durable=False)
+    try:
+        started.append(start_redis(settings.redis_port, root / "redis", logs))
+        pg.start()
+        migrate(settings.resolved_database_url)
+        started.append(start_worker(settings, "cpu0@%h", logs))
+        started.append(start_web(settings, logs))
+        started.append(start_flower(settings, logs))
+        yield Stack(settings, root, pg, *started)
+    except BaseException:
+        for proc in started:
+            print(f"--- {proc.name} log ---\n{proc.tail()}")
+        raise
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Client:
+    """One caller: an HTTP session with its cookie, and WebSockets that carry it."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.http = requests.Session()
+        self.http.get(base_url + "/", timeout=10).raise_for_status()
+        self.sockets: list[websocket.WebSocket] = []
+        self.ws = self.connect()
+
+    def connect(self) -> websocket.WebSocket:
+        cookie = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
+        ws = websocket.create_connection(self.base_url.replace("http", "ws", 1) + "/ws", cookie=cookie, timeout=60)
+        self.sockets.append(ws)
+        return ws
+
+    def send(self, frame: dict | str, ws=None) -> None:
+        (ws or self.ws).send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def recv(self, ws=None) -> dict:
+        return json.loads((ws or self.ws).recv())
+
+    def ask(self, frame: dict | str, ws=None) -> dict:
+        self.send(frame, ws)
+        return self.recv(ws)
+
+    def chat(self, content: str, ws=None, **fields) -> tuple[dict, list[dict], dict]:
+        """Send a chat frame; return its `accepted`, `token` frames and `done`."""
+        accepted = self.ask({"type": "chat", "content": content, **fields}, ws)
+        assert accepted["type"] == "accepted", accepted
+        tokens, done = self.until_done(accepted["request_id"], ws)
+        return accepted, tokens, done
+
+    def until_done(self, request_id: str, ws=None) -> tuple[list[dict], dict]:
+        tokens = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            frame = self.recv(ws)
+            assert frame.get("request_id") == request_id, frame
+            if frame["type"] == "done":
+                return tokens, frame
+            assert frame["type"] == "token", frame
+            tokens.append(frame)
+        raise TimeoutError(request_id)
+
+    def messages(self, conversation_id: str) -> requests.Response:
+        return self.http.get(f"{self.base_url}/api/conversations/{conversation_id}/messages", timeout=10)
+
+    def close(self) -> None:
+        for ws in self.sockets:
+            ws.close()
+
+
+@pytest.fixture
+def client(stack):
+    c = Client(stack.base_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def other_client(stack):
+    c = Client(stack.base_url)
+    yield c
+    c.close()
