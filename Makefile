@@ -1,0 +1,32 @@
+# `make run` starts the whole stack on loopback; `make test` runs every test.
+# Both first install what is missing: Debian packages, the Python environment, the model.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+MODEL_DIR := data/models/SmolLM2-135M-Instruct
+
+.PHONY: setup deps run test clean
+
+setup: deps $(VENV)/.installed $(MODEL_DIR)/.converted
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --progress-bar on -e '.[web,worker,convert,dev]'
+	touch $@
+
+$(MODEL_DIR)/.converted: | $(VENV)/.installed
+	$(PYTHON) -m workers.fetch_model --dest $(MODEL_DIR)
+
+run: setup
+	$(PYTHON) -m scripts.run
+
+test: setup
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf $(VENV) data *.egg-info

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from config.settings import Settings
+
+
+def test_defaults_point_at_local_servers():
+    s = Settings(redis_port=7000, primary_port=7001, replica_port=7002)
+    assert s.resolved_redis_url == "redis://127.0.0.1:7000/0"
+    assert s.resolved_broker_url == s.resolved_redis_url
+    assert s.resolved_database_url.endswith("@127.0.0.1:7001/chat")
+    assert s.resolved_replica_url.endswith("@127.0.0.1:7002/chat")
+
+
+def test_explicit_urls_win():
+    s = Settings(broker_url="redis://b:1/2", database_url="postgresql+psycopg://p/db", replica_url="postgresql+psycopg://r/db")
+    assert (s.resolved_broker_url, s.resolved_database_url, s.resolved_replica_url) == (
+        "redis://b:1/2", "postgresql+psycopg://p/db", "postgresql+psycopg://r/db")
+
+
+def test_queue_is_named_after_the_model():
+    assert Settings(model="/models/SmolLM2-135M-Instruct/").queue == "gen.smollm2-135m-instruct"
+    assert Settings(model="Qwen/Qwen2.5-7B-Instruct").queue == "gen.qwen2-5-7b-instruct"
+    assert Settings(model="x", model_queue="gen.custom").queue == "gen.custom"
+
+
+def test_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CHAT_WEB_PORT", "9123")
+    monkeypatch.setenv("CHAT_ALLOWED_ORIGINS", '["https://a.example"]')
+    s = Settings()
+    assert s.web_port == 9123 and s.allowed_origins == ["https://a.example"]
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValidationError):
+        Settings(dtype="int3")
+    with pytest.raises(ValidationError):
+        Settings(worker_concurrency=0)
+
+
+def test_readme_documents_every_setting():
+    from config.settings import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`CHAT_{name.upper()}`" not in readme]
+    assert missing == []
