@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field
+from pydantic import AliasChoices, Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +16,8 @@ DEFAULT_MODEL_DIR = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
 class Settings(BaseSettings):
     """Every knob of both tiers; read from ``CHAT_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=None, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=None, extra="ignore", frozen=True,
+                                      populate_by_name=True)
 
     # Where things live and listen (``make run`` starts these servers on loopback).
     data_dir: Path = ROOT / "data"
@@ -39,7 +40,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     torch_threads: int = 0
-    worker_concurrency: int = Field(1, ge=1)
+    engine: Literal["batching", "generate"] = "batching"
+    max_batch: int = Field(16, ge=1)
+    engine_max_tokens: int = Field(2048, ge=64)
+    worker_concurrency: int = Field(0, ge=0)
+    cpu_workers: int = Field(1, ge=1)
+    gpus: str | None = Field(None, validation_alias=AliasChoices("CHAT_GPUS", "CUDA_VISIBLE_DEVICES"))
     system_prompt: str = "You are a helpful assistant."
 
     # Limits.
@@ -82,6 +88,14 @@ class Settings(BaseSettings):
     @property
     def resolved_replica_url(self) -> str:
         return self.replica_url or _local_pg(self.host, self.replica_port)
+
+    @computed_field
+    @property
+    def resolved_worker_concurrency(self) -> int:
+        """Celery task threads per worker: by default one per engine slot."""
+        if self.worker_concurrency:
+            return self.worker_concurrency
+        return self.max_batch if self.engine == "batching" else 1
 
     @computed_field
     @property

@@ -38,6 +38,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     for name in Settings.model_fields:
         value = getattr(settings, name)
+        if value is None:
+            continue
         env["CHAT_" + name.upper()] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     env["PYTHONPATH"] = str(ROOT)
     return env

@@ -22,9 +22,10 @@ logger = logging.getLogger(__name__)
 settings = Settings()
 celery = Celery("chat-workers", include=["workers.tasks"])
 celery.conf.update(celery_config(settings))
-# Tasks run on threads: they all share the one model loaded in this process.
-celery.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency,
-                   task_queues=None, task_create_missing_queues=True)
+# Tasks run on threads: each hands its request to the one engine of this process
+# and waits, so there are as many task threads as the engine has batch slots.
+celery.conf.update(worker_pool="threads", worker_concurrency=settings.resolved_worker_concurrency,
+                   task_create_missing_queues=True)
 
 _runtime: dict = {}
 
@@ -40,20 +41,30 @@ def runtime():
 def _start(sender=None, **_):
     """Load the model in this process, after start-up, then say so every few seconds."""
     configure_logging(settings.log_level, settings.log_json)
-    from workers.engine import Engine
+    from workers.engine import BatchingEngine, GenerateEngine
     from workers.handler import RequestHandler
     from workers.model import load_model
+    from workers.relay import CancelWatcher, TokenRelay
 
     loaded = load_model(settings.model, settings.device, settings.dtype, settings.torch_threads)
+    if settings.engine == "batching":
+        engine = BatchingEngine(loaded, settings.max_batch, settings.engine_max_tokens).start()
+    else:
+        engine = GenerateEngine(loaded).start()
+    logger.info("Engine %s: %d slots, %d task threads", settings.engine,
+                settings.max_batch if settings.engine == "batching" else 1, settings.resolved_worker_concurrency)
+    _runtime["engine"] = engine
     redis_client = streams.connect(settings.resolved_redis_url)
     store = Store(settings.resolved_database_url, settings.resolved_replica_url,
-                  pool_size=settings.worker_concurrency + 1)
-    publisher = streams.StreamPublisher(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
-    _runtime["handler"] = RequestHandler(store, publisher, Engine(loaded), settings.system_prompt,
-                                         settings.default_max_new_tokens)
+                  pool_size=min(settings.resolved_worker_concurrency, 10) + 1)
+    _runtime["handler"] = RequestHandler(
+        store, streams.StreamPublisher(redis_client, settings.stream_ttl_s, settings.stream_maxlen),
+        TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen), CancelWatcher(redis_client),
+        engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),
-            "dtype": str(loaded.dtype).removeprefix("torch."), "pid": os.getpid(), "since": time.time()}
+            "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
+            "engine": settings.engine, "pid": os.getpid(), "since": time.time()}
     stop = threading.Event()
     _runtime["stop"] = stop
 
@@ -72,3 +83,5 @@ def _start(sender=None, **_):
 def _stop(**_):
     if "stop" in _runtime:
         _runtime["stop"].set()
+    if "engine" in _runtime:
+        _runtime["engine"].stop()

@@ -1,19 +1,40 @@
-"""The generation engine: decodes a request step by step and hands out text as it comes.
+"""Generation engines: they decode requests and hand out text as it comes.
 
-It knows nothing of Celery or Redis: it takes a loaded model, and callbacks for
-new text and for "stop now". This is a one-request-at-a-time decode loop with
-the KV cache on; requests from several tasks are serialised by a lock.
+Engines know nothing of Celery or Redis. A caller submits token ids, sampling
+parameters, a callback for new text and a cancel event, and waits for the
+result; the callback runs on the engine's thread and must be quick.
+
+- :class:`BatchingEngine` is the one workers use: one thread owns the model
+  and decodes every active request together, one token per request per step.
+  Requests join between steps (their prompt is prefilled on its own) and leave
+  as soon as they finish or are cancelled (continuous batching).
+- :class:`GenerateEngine` is the baseline: one ``model.generate()`` call per
+  request, one at a time.
+
+What transformers ships and what is written here: the model's own forward
+pass, rotary embeddings and SDPA attention do the work. transformers' own
+continuous batching (``init_continuous_batching``) applies one generation
+config to every request (no per-request temperature) and its paged cache was
+slower than a padded batch on CPU, so the scheduling and the KV cache are
+ours: :class:`RaggedKVCache` is preallocated once, one row per batch slot, and
+each row keeps its own length, so requests of any length share a step without
+padding shifts or concatenation.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from workers.model import LoadedModel
 
@@ -24,7 +45,6 @@ logger = logging.getLogger(__name__)
 class GenerationParams:
     max_new_tokens: int
     temperature: float = 0.0
-    seed: int | None = None
 
 
 @dataclass
@@ -39,85 +59,386 @@ class GenerationResult:
 class IncrementalDecoder:
     """Turns token ids into text pieces whose concatenation is the decoded whole.
 
-    A piece is held back while it ends in an incomplete UTF-8 sequence.
+    Decodes a small window (as TGI does), so each token costs the same however
+    long the reply; a piece is held back while it ends in an incomplete UTF-8
+    sequence.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        piece = text[len(self.emitted):]
-        self.emitted = text
-        return piece
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.emitted) and len(text) > len(self.emitted):
-            piece = text[len(self.emitted):]
-            self.emitted = text
-            return piece
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(text) > len(prefix) and (final or not text.endswith("\ufffd")) and text.startswith(prefix):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
         return ""
 
 
-class Engine:
-    """Runs requests on one loaded model, one at a time."""
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: GenerationParams
+    on_text: Callable[[str], None]
+    cancelled: threading.Event
+    future: Future
+    decoder: IncrementalDecoder
+    submitted: float = field(default_factory=time.monotonic)
+    pieces: list[str] = field(default_factory=list)
+    generated: int = 0
+    first_token_s: float | None = None
+    budget: int = 0
+    finish_reason: str | None = None
+
+    def emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            self.on_text(piece)
+
+
+def ragged_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA that attends each decoding row over exactly its own keys.
+
+    One SDPA call over a padded span gives a short row different rounding in
+    bfloat16 than the same row alone, and with it different greedy text. Rows
+    are grouped by length instead, so a row's arithmetic never depends on its
+    neighbours. Anything but a one-token decode step is plain SDPA.
+    """
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    spans = attention_mask[:, 0, 0].sum(-1).tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.empty_like(query)
+    for span in set(spans):
+        # Always gather: SDPA may round a strided view differently from a contiguous copy.
+        idx = torch.tensor([i for i, s in enumerate(spans) if s == span], device=query.device)
+        out[idx] = torch.nn.functional.scaled_dot_product_attention(
+            query[idx], key[idx, :, :span], value[idx, :, :span], scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("ragged_sdpa", ragged_sdpa)
+AttentionMaskInterface.register("ragged_sdpa", sdpa_mask)
+
+
+class RaggedKVCache:
+    """Preallocated keys and values, one row per batch slot, each row with its own length.
+
+    The model calls :meth:`update` once per layer per forward pass; before each
+    pass the engine says which rows take part and where their new tokens go.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_tokens: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, max_tokens, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.max_tokens = max_tokens
+        self._rows: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._span = 0
+        self._prefill_slots: torch.Tensor | None = None
+
+    def for_prefill(self, slots: torch.Tensor, width: int) -> None:
+        """Rows ``slots`` take new prompts, right-padded to ``width``, written from position 0."""
+        self._prefill_slots, self._span = slots, width
+
+    def for_decode(self, positions: torch.Tensor, span: int) -> None:
+        """Rows 0..n-1 take part; row i's new token goes to ``positions[i]``."""
+        self._prefill_slots = None
+        self._rows = torch.arange(len(positions), device=positions.device)
+        self._positions = positions
+        self._span = span
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._prefill_slots is not None:
+            k[self._prefill_slots, :, :self._span] = key
+            v[self._prefill_slots, :, :self._span] = value
+            return key, value
+        k[self._rows, :, self._positions] = key[:, :, 0]
+        v[self._rows, :, self._positions] = value[:, :, 0]
+        n = len(self._rows)
+        return k[:n, :, :self._span], v[:n, :, :self._span]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
+        for k, v in zip(self.keys, self.values):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class BatchingEngine:
+    """Continuous batching on one model, driven by one thread that owns it."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 16, max_tokens: int = 2048,
+                 prefill_tokens_per_step: int = 512):
+        self.loaded = loaded
+        loaded.model.set_attn_implementation("ragged_sdpa")
+        self.max_batch = max_batch
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        cfg = loaded.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_tokens = min(max_tokens, loaded.context_len)
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, max(max_batch, 2), cfg.num_key_value_heads, head_dim,
+                                   self.max_tokens, loaded.dtype, loaded.device)
+        self._incoming: queue.Queue[_Request | None] = queue.Queue()
+        self._active: list[_Request] = []  # row i of the cache belongs to _active[i]
+        self._lengths: list[int] = []  # tokens in the cache per row
+        self._last: list[int] = []  # the token each row feeds next
+        self._eos = torch.tensor(sorted(loaded.eos_ids), device=loaded.device)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._stopping = False
+        self.steps = 0
+
+    @property
+    def context_limit(self) -> int:
+        """Most tokens (prompt plus reply) one request may hold."""
+        return self.max_tokens
+
+    def start(self) -> BatchingEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._incoming.put(None)
+        self._thread.join(30)
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
+               cancelled: threading.Event | None = None) -> Future:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        budget = min(params.max_new_tokens, self.max_tokens - len(prompt_ids))
+        if budget < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in {self.max_tokens}")
+        req = _Request(list(prompt_ids), params, on_text, cancelled or threading.Event(), Future(),
+                       IncrementalDecoder(self.loaded.tokenizer), budget=budget)
+        self._incoming.put(req)
+        return req.future
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
+                 cancelled: threading.Event | None = None) -> GenerationResult:
+        """Submit and wait for the end."""
+        return self.submit(prompt_ids, params, on_text, cancelled).result()
+
+    # --- the engine thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._admit()
+                    if self._active:
+                        self._step()
+                except Exception as exc:
+                    # A failed step fails every request in it; the engine keeps serving.
+                    logger.exception("Engine step failed")
+                    for req in self._active:
+                        req.future.set_exception(exc)
+                    self._active, self._lengths, self._last = [], [], []
+        for req in self._active:
+            req.future.set_exception(RuntimeError("engine stopped"))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, together, within a token budget per step."""
+        joining: list[_Request] = []
+        spent = 0
+        while len(self._active) + len(joining) < self.max_batch and spent < self.prefill_tokens_per_step:
+            try:
+                req = self._incoming.get(block=not self._active and not joining)
+            except queue.Empty:
+                break
+            if req is None:
+                break
+            if req.cancelled.is_set():
+                self._finish_unstarted(req)
+                continue
+            spent += len(req.prompt_ids)
+            joining.append(req)
+        # Prompts of one length share a forward pass. Padding a shorter prompt to a
+        # longer one changes its numerics in bfloat16, and with them greedy output.
+        by_length: dict[int, list[_Request]] = {}
+        for req in joining:
+            by_length.setdefault(len(req.prompt_ids), []).append(req)
+        for group in by_length.values():
+            self._prefill(group)
+
+    def _prefill(self, joining: list[_Request]) -> None:
+        """One forward pass over new prompts of equal length; each one's last position gives its first token."""
+        lm = self.loaded
+        dev = lm.device
+        first_row = len(self._active)
+        width = len(joining[0].prompt_ids)
+        ids = torch.tensor([r.prompt_ids for r in joining], device=dev)
+        pos = torch.arange(width, device=dev)
+        mask = (pos[None, :] <= pos[:, None])[None, None].expand(len(joining), 1, width, width)
+        self.cache.for_prefill(torch.arange(first_row, first_row + len(joining), device=dev), width)
+        out = lm.model(input_ids=ids, position_ids=pos[None].expand(len(joining), -1), attention_mask=mask,
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        tokens = self._sample(out.logits[:, -1], joining).tolist()
+        for req, token in zip(joining, tokens):
+            self._active.append(req)
+            self._lengths.append(len(req.prompt_ids))
+            self._last.append(token)
+            self._accept(len(self._active) - 1, token)
+        self._retire()
+
+    def _step(self) -> None:
+        lm = self.loaded
+        lengths, last = self._lengths, self._last
+        if len(lengths) == 1:
+            # A matrix product over one row rounds differently in bfloat16 than over
+            # two or more (oneDNN takes another kernel), which would make a lone
+            # request's greedy text differ from the same request in a batch. A
+            # throw-away row in the free slot 1 keeps every step at two rows or more.
+            lengths, last = [lengths[0], 0], [last[0], last[0]]
+        positions = torch.tensor(lengths, device=lm.device)
+        span = int(positions.max()) + 1
+        self.cache.for_decode(positions, span)
+        ids = torch.tensor(last, device=lm.device)[:, None]
+        mask = (torch.arange(span, device=lm.device)[None, :] <= positions[:, None])[:, None, None, :]
+        out = lm.model(input_ids=ids, position_ids=positions[:, None], attention_mask=mask,
+                       past_key_values=self.cache, use_cache=True)
+        tokens = self._sample(out.logits[:len(self._active), -1], self._active).tolist()
+        self.steps += 1
+        for row, token in enumerate(tokens):
+            self._lengths[row] += 1
+            self._last[row] = token
+            self._accept(row, token)
+        self._retire()
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
+        greedy = torch.argmax(logits, dim=-1)
+        temps = [r.params.temperature for r in reqs]
+        if not any(t > 0 for t in temps):
+            return greedy
+        t = torch.tensor([max(x, 1e-6) for x in temps], device=logits.device)[:, None]
+        sampled = torch.multinomial(torch.softmax(logits.float() / t, dim=-1), 1)[:, 0]
+        return torch.where(t[:, 0] > 1e-6, sampled, greedy)
+
+    def _accept(self, row: int, token: int) -> None:
+        req = self._active[row]
+        if req.first_token_s is None:
+            req.first_token_s = time.monotonic() - req.submitted
+        req.generated += 1
+        if token in self.loaded.eos_ids:
+            req.finish_reason = "stop"
+            return
+        req.emit(req.decoder.push(token))
+        if req.generated >= req.budget:
+            req.finish_reason = "length"
+
+    def _retire(self) -> None:
+        """Finish requests that are done or cancelled; keep rows 0..n-1 packed."""
+        row = 0
+        while row < len(self._active):
+            req = self._active[row]
+            reason = req.finish_reason or ("cancelled" if req.cancelled.is_set() else None)
+            if reason is None:
+                row += 1
+                continue
+            req.emit(req.decoder.flush())
+            req.future.set_result(GenerationResult("".join(req.pieces), reason, len(req.prompt_ids),
+                                                   req.generated, req.first_token_s))
+            last = len(self._active) - 1
+            if row != last:
+                self.cache.move(last, row, self._lengths[last])
+                self._active[row], self._lengths[row], self._last[row] = (
+                    self._active[last], self._lengths[last], self._last[last])
+            self._active.pop()
+            self._lengths.pop()
+            self._last.pop()
+
+    def _finish_unstarted(self, req: _Request) -> None:
+        req.future.set_result(GenerationResult("", "cancelled", len(req.prompt_ids), 0, None))
+
+
+class _TextStreamer:
+    """A ``generate()`` streamer for one row: decodes each new token and passes the text on."""
+
+    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[str], None], eos_ids: frozenset[int]):
+        self.decoder, self.emit, self.eos_ids = decoder, emit, eos_ids
+        self.prompt_seen = False
+        self.first_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        for token in value.reshape(-1).tolist():
+            if token not in self.eos_ids:
+                self.emit(self.decoder.push(token))
+
+    def end(self) -> None:
+        self.emit(self.decoder.flush())
+
+
+class GenerateEngine:
+    """The baseline: one ``model.generate()`` per request, one request at a time."""
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
+        self.context_limit = loaded.context_len
         self._lock = threading.Lock()
 
-    @torch.inference_mode()
+    def start(self) -> GenerateEngine:
+        return self
+
+    def stop(self) -> None:
+        pass
+
     def generate(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
-                 should_stop: Callable[[], bool] = lambda: False) -> GenerationResult:
-        """Decode until eos, ``max_new_tokens``, the context's end or ``should_stop()``."""
+                 cancelled: threading.Event | None = None) -> GenerationResult:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         lm = self.loaded
-        budget = min(params.max_new_tokens, lm.context_len - len(prompt_ids))
-        decoder = IncrementalDecoder(lm.tokenizer)
+        cancelled = cancelled or threading.Event()
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
         pieces: list[str] = []
-        generator = None
-        if params.temperature > 0 and params.seed is not None:
-            generator = torch.Generator(device=lm.device).manual_seed(params.seed)
 
         def emit(piece: str) -> None:
             if piece:
                 pieces.append(piece)
                 on_text(piece)
 
-        with self._lock:
+        streamer = _TextStreamer(IncrementalDecoder(lm.tokenizer), emit, lm.eos_ids)
+        budget = min(params.max_new_tokens, self.context_limit - len(prompt_ids))
+        sample = params.temperature > 0
+        with self._lock, torch.inference_mode():
             started = time.monotonic()
-            first_token_s = None
-            finish = "length"
-            count = 0
-            input_ids = torch.tensor([prompt_ids], device=lm.device)
-            past = None
-            while count < budget:
-                if should_stop():
-                    finish = "cancelled"
-                    break
-                out = lm.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[0, -1].float()
-                token = _choose(logits, params.temperature, generator)
-                if first_token_s is None:
-                    first_token_s = time.monotonic() - started
-                count += 1
-                if token in lm.eos_ids:
-                    finish = "stop"
-                    break
-                emit(decoder.push(token))
-                input_ids = torch.tensor([[token]], device=lm.device)
-            emit(decoder.flush())
-        return GenerationResult("".join(pieces), finish, len(prompt_ids), count, first_token_s)
-
-
-def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+            out = lm.model.generate(
+                torch.tensor([prompt_ids], device=lm.device), attention_mask=torch.ones(1, len(prompt_ids),
+                                                                                         dtype=torch.long,
+                                                                                         device=lm.device),
+                max_new_tokens=budget, do_sample=sample, temperature=params.temperature if sample else None,
+                top_p=None, top_k=None, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancel()]),
+                pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=sorted(lm.eos_ids))
+        new = out[0, len(prompt_ids):].tolist()
+        if cancelled.is_set():
+            reason = "cancelled"
+        elif new and new[-1] in lm.eos_ids:
+            reason = "stop"
+        else:
+            reason = "length"
+        first = streamer.first_at - started if streamer.first_at is not None else None
+        return GenerationResult("".join(pieces), reason, len(prompt_ids), len(new), first)

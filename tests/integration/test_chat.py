@@ -131,13 +131,14 @@ def test_ping(client):
 
 
 def test_accepted_queue_depth_counts_waiting_requests(stack, client):
-    # Three requests on one socket: the worker takes one at a time, so later ones wait.
+    # More requests than the worker has slots: the later ones wait on the queue.
+    count = stack.settings.max_batch + 3
     ids = []
     depths = []
-    for i in range(3):
+    for i in range(count):
         client.send({"type": "chat", "content": f"Name a colour, number {i}.", "max_new_tokens": 8})
     pending = {}
-    while len(pending) < 3 or any(v is None for v in pending.values()):
+    while len(pending) < count or any(v is None for v in pending.values()):
         frame = client.recv()
         if frame["type"] == "accepted":
             ids.append(frame["request_id"])

@@ -1,0 +1,115 @@
+"""The batching engine on the real model (no servers): continuous batching that changes no answer."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from config.settings import DEFAULT_MODEL_DIR
+from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
+from workers.model import load_model
+from workers.prompt import build_prompt_ids
+
+PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step by step.",
+           "Describe a busy morning at a city market.", "Give some tips for learning a new language.",
+           "How does a bicycle work?", "Write a haiku about autumn.", "What is 2+2?", "Name three primary colours."]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(str(DEFAULT_MODEL_DIR))
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    eng = BatchingEngine(loaded, max_batch=8, max_tokens=512).start()
+    yield eng
+    eng.stop()
+
+
+def ids(loaded, prompt: str) -> list[int]:
+    return build_prompt_ids(loaded.tokenizer, "You are a helpful assistant.", [{"role": "user", "content": prompt}],
+                            400)
+
+
+def run(engine, loaded, prompt, n=24, **kw):
+    pieces: list[str] = []
+    result = engine.generate(ids(loaded, prompt), GenerationParams(n, **kw), pieces.append)
+    assert "".join(pieces) == result.text
+    return result
+
+
+def test_greedy_answer_alone_matches_generate(engine, loaded):
+    result = run(engine, loaded, PROMPTS[0])
+    assert result.text == "The capital of France is Paris."
+    assert result.finish_reason == "stop"
+    baseline = GenerateEngine(loaded).generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
+    assert baseline.text == result.text and baseline.completion_tokens == result.completion_tokens
+
+
+def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
+    alone = [run(engine, loaded, p).text for p in PROMPTS]
+    futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS]
+    together = [f.result(120).text for f in futures]
+    assert together == alone
+
+
+def test_requests_join_and_leave_between_steps(engine, loaded):
+    """A long request keeps going while short ones join late and finish first."""
+    long_first = engine.submit(ids(loaded, PROMPTS[1]), GenerationParams(40), lambda s: None)
+    started = engine.steps
+    while engine.steps < started + 5:
+        threading.Event().wait(0.01)
+    short = [engine.submit(ids(loaded, p), GenerationParams(3 + i), lambda s: None) for i, p in enumerate(PROMPTS[2:5])]
+    short_results = [f.result(120) for f in short]
+    assert [r.completion_tokens for r in short_results] == [3, 4, 5]
+    assert all(r.finish_reason == "length" for r in short_results)
+    assert not long_first.done()  # the short ones left while the long one was still decoding
+    assert long_first.result(120).completion_tokens == 40
+    assert long_first.result().text == run(engine, loaded, PROMPTS[1], n=40).text
+
+
+def test_cancel_drops_the_request_at_the_next_step(engine, loaded):
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+
+    other = engine.submit(ids(loaded, PROMPTS[3]), GenerationParams(30), lambda s: None)
+    result = engine.generate(ids(loaded, PROMPTS[1]), GenerationParams(60), on_text, cancel)
+    assert result.finish_reason == "cancelled"
+    assert 3 <= result.completion_tokens <= 4
+    assert result.text == "".join(pieces)
+    assert other.result(120).completion_tokens == 30  # the rest of the batch carried on
+
+
+def test_a_request_cancelled_before_it_starts_makes_nothing(engine, loaded):
+    cancel = threading.Event()
+    cancel.set()
+    result = engine.generate(ids(loaded, PROMPTS[0]), GenerationParams(10), lambda s: None, cancel)
+    assert (result.finish_reason, result.completion_tokens, result.text) == ("cancelled", 0, "")
+
+
+def test_temperature_samples_per_request(engine, loaded):
+    greedy = run(engine, loaded, PROMPTS[5], n=20).text
+    futures = [engine.submit(ids(loaded, PROMPTS[5]), GenerationParams(20, temperature=1.5), lambda s: None)
+               for _ in range(4)]
+    futures.append(engine.submit(ids(loaded, PROMPTS[5]), GenerationParams(20), lambda s: None))
+    texts = [f.result(120).text for f in futures]
+    assert texts[-1] == greedy  # a greedy row beside sampled rows stays greedy
+    assert any(t != greedy for t in texts[:-1])
+
+
+def test_more_requests_than_slots_all_finish(engine, loaded):
+    futures = [engine.submit(ids(loaded, PROMPTS[i % 8]), GenerationParams(4), lambda s: None) for i in range(20)]
+    assert [f.result(120).completion_tokens for f in futures] == [4] * 20 or all(
+        f.result().finish_reason in ("stop", "length") for f in futures)
+
+
+def test_prompt_too_long_for_the_cache_is_refused(engine):
+    with pytest.raises(ValueError):
+        engine.submit(list(range(100, 100 + engine.max_tokens)), GenerationParams(4), lambda s: None)

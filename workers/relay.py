@@ -1,0 +1,114 @@
+"""The worker's side of Redis while it generates: token frames out, cancel flags in.
+
+The engine thread must not wait on Redis once per token per request, so frames
+are queued here and written by one thread, each batch in one pipeline, in the
+order they were queued (a request's `done` always follows its tokens). Cancel
+flags of the requests in flight are read by one thread, all in one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+
+import redis
+
+from app.streams import cancel_key, stream_key
+
+logger = logging.getLogger(__name__)
+
+
+class TokenRelay:
+    """Writes frames to their request streams in batches, in order, retrying while Redis is away."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, maxlen: int):
+        self.client = client
+        self.ttl_s = ttl_s
+        self.maxlen = maxlen
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="token-relay", daemon=True)
+        self._thread.start()
+
+    def send(self, request_id: str, frame: dict, wait: bool = False) -> None:
+        """Queue a frame; with ``wait``, return once it (and all before it) is in Redis."""
+        written = threading.Event() if wait else None
+        self._queue.put((request_id, json.dumps(frame, ensure_ascii=False), written))
+        if written is not None:
+            written.wait()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list) -> None:
+        delay = 0.1
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                keys = set()
+                for request_id, data, _ in batch:
+                    key = stream_key(request_id)
+                    pipe.xadd(key, {"frame": data}, maxlen=self.maxlen, approximate=True)
+                    keys.add(key)
+                for key in keys:
+                    pipe.expire(key, self.ttl_s)
+                pipe.execute()
+                break
+            except redis.RedisError as exc:
+                # Frames are never dropped: the engine's text would no longer match the stream.
+                logger.error("Writing %d frames to Redis failed (%s); retrying in %.1fs", len(batch), exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for _, _, written in batch:
+            if written is not None:
+                written.set()
+
+
+class CancelWatcher:
+    """Turns the cancel flags of in-flight requests into events the engine reads for free."""
+
+    def __init__(self, client: redis.Redis, interval_s: float = 0.05):
+        self.client = client
+        self.interval_s = interval_s
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="cancel-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, request_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[request_id] = event
+        return event
+
+    def unwatch(self, request_id: str) -> None:
+        with self._lock:
+            self._events.pop(request_id, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                watched = list(self._events.items())
+            if not watched:
+                continue
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for request_id, _ in watched:
+                    pipe.exists(cancel_key(request_id))
+                flags = pipe.execute()
+            except redis.RedisError as exc:
+                logger.warning("Reading cancel flags failed: %s", exc)
+                continue
+            for (_, event), flag in zip(watched, flags):
+                if flag:
+                    event.set()
