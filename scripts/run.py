@@ -13,7 +13,8 @@ import time
 
 from config.logging import configure_logging
 from config.settings import Settings
-from scripts.services import PostgresPair, migrate, start_flower, start_redis, start_web, start_worker
+from scripts.services import PostgresPair, migrate, start_flower, start_launcher, start_redis, start_web
+from workers.launch import visible_gpus
 
 logger = logging.getLogger("run")
 
@@ -40,8 +41,10 @@ def main() -> int:
         pg.start()
         logger.info("Migrating the primary")
         migrate(settings.resolved_database_url)
-        logger.info("Starting a worker on queue %s (loading %s)", settings.queue, settings.model)
-        started.append(start_worker(settings, "cpu0@%h", logs))
+        gpus = visible_gpus(settings.gpus)
+        count = len(gpus) or settings.cpu_workers
+        logger.info("Starting %d worker(s) on queue %s (loading %s)", count, settings.queue, settings.model)
+        started.append(start_launcher(settings, logs, count))
         logger.info("Starting the web server")
         started.append(start_web(settings, logs))
         started.append(start_flower(settings, logs))

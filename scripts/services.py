@@ -267,6 +267,25 @@ def start_worker(settings: Settings, name: str, log_dir: Path | None, extra_env:
     return proc
 
 
+def start_launcher(settings: Settings, log_dir: Path | None, expected: int) -> Process:
+    """``python -m workers.launch``; ready once ``expected`` workers have loaded the model."""
+    proc = Process("workers", [sys.executable, "-m", "workers.launch"], env=settings_env(settings), log_dir=log_dir)
+    import redis
+
+    client = redis.Redis.from_url(settings.resolved_redis_url)
+    started = time.time()
+
+    def loaded() -> bool:
+        beats = [json.loads(v) for v in client.mget(list(client.scan_iter("worker:*"))) if v]
+        return sum(1 for b in beats if b.get("since", 0) >= started and b.get("queue") == settings.queue) >= expected
+
+    try:
+        wait_until(loaded, 240, "workers", proc.proc)
+    finally:
+        client.close()
+    return proc
+
+
 def start_web(settings: Settings, log_dir: Path | None) -> Process:
     argv = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "config" / "gunicorn.py"), "app.web:create_app()"]
     proc = Process("web", argv, env=settings_env(settings), log_dir=log_dir)

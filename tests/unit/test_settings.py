@@ -37,7 +37,7 @@ def test_bad_values_are_refused():
     with pytest.raises(ValidationError):
         Settings(dtype="int3")
     with pytest.raises(ValidationError):
-        Settings(worker_concurrency=0)
+        Settings(max_batch=0)
 
 
 def test_readme_documents_every_setting():

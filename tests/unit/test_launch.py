@@ -1,0 +1,46 @@
+"""The launcher's plan: a worker per GPU pinned to it, or CPU workers sharing the cores."""
+
+from __future__ import annotations
+
+import stat
+
+from config.settings import Settings
+from workers.launch import plan, visible_gpus, worker_argv
+
+
+def test_one_worker_per_gpu_pinned_and_named_after_it():
+    specs = plan(["0", "1", "3"], cpu_workers=5, torch_threads=0, cores=16)
+    assert [s.name for s in specs] == ["gpu0@%h", "gpu1@%h", "gpu3@%h"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1", "3"]
+    assert all(s.env["CHAT_DEVICE"] == "cuda:0" for s in specs)  # each child sees only its own card
+
+
+def test_cpu_workers_share_the_cores_and_see_no_gpu():
+    specs = plan([], cpu_workers=2, torch_threads=0, cores=2)
+    assert [s.name for s in specs] == ["cpu0@%h", "cpu1@%h"]
+    assert all(s.env == {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu", "CHAT_TORCH_THREADS": "1"} for s in specs)
+    assert plan([], cpu_workers=1, torch_threads=3, cores=2)[0].env["CHAT_TORCH_THREADS"] == "3"
+
+
+def test_visible_gpus_from_the_setting_or_nvidia_smi(tmp_path):
+    assert visible_gpus("0,2") == ["0", "2"]
+    assert visible_gpus("") == []
+    assert visible_gpus("-1") == []
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    assert visible_gpus(None, nvidia_smi=str(smi)) == ["0", "1"]
+    assert visible_gpus(None, nvidia_smi=str(tmp_path / "missing")) == []
+
+
+def test_workers_listen_on_their_models_queue():
+    settings = Settings(model="/m/SmolLM2-135M-Instruct")
+    argv = worker_argv(plan(["0"], 1, 0, 1)[0], settings)
+    assert argv[argv.index("-Q") + 1] == "gen.smollm2-135m-instruct"
+    assert argv[argv.index("-n") + 1] == "gpu0@%h"
+    assert "--without-mingle" in argv and "--without-gossip" in argv
+
+
+def test_cuda_visible_devices_feeds_the_gpus_setting(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
+    assert Settings().gpus == "1,2"

@@ -1,0 +1,125 @@
+"""The worker launcher: one worker process per visible GPU, or N CPU workers.
+
+    python -m workers.launch
+
+Each child is a Celery worker pinned to one card (``CUDA_VISIBLE_DEVICES=i``)
+and named after it (``gpu0@host``), listening on its model's queue. CUDA is
+never touched here: GPUs are found with ``nvidia-smi``, and each child loads
+the model itself after it starts, so nothing is initialised before a fork.
+Adding a machine means running this there with the same broker and database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from config.logging import configure_logging
+from config.settings import ROOT, Settings
+
+logger = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str
+    env: dict[str, str]
+
+
+def visible_gpus(setting: str | None, nvidia_smi: str | None = None) -> list[str]:
+    """GPU indices from the setting (CUDA_VISIBLE_DEVICES or CHAT_GPUS), else from ``nvidia-smi``."""
+    if setting is not None:
+        return [g.strip() for g in setting.split(",") if g.strip() and not g.strip().startswith("-")]
+    smi = nvidia_smi or shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+
+
+def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int) -> list[WorkerSpec]:
+    """What to start: a worker per GPU, or ``cpu_workers`` CPU workers sharing the cores."""
+    if gpus:
+        return [WorkerSpec(f"gpu{g}@%h", {"CUDA_VISIBLE_DEVICES": g, "CHAT_DEVICE": "cuda:0"}) for g in gpus]
+    threads = torch_threads or max(1, cores // cpu_workers)
+    return [WorkerSpec(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu",
+                                      "CHAT_TORCH_THREADS": str(threads)}) for i in range(cpu_workers)]
+
+
+def worker_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-n", spec.name,
+            "-Q", settings.queue, "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
+
+
+class Launcher:
+    """Starts the planned workers, restarts any that dies, stops them all on SIGINT or SIGTERM."""
+
+    def __init__(self, settings: Settings, specs: list[WorkerSpec]):
+        self.settings = settings
+        self.specs = specs
+        self.children: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def _spawn(self, spec: WorkerSpec) -> None:
+        env = {**os.environ, **spec.env, "PYTHONPATH": str(ROOT)}
+        # Each child leads its own process group: a terminal's Ctrl-C reaches only
+        # the launcher, which then stops the children in order.
+        self.children[spec.name] = subprocess.Popen(worker_argv(spec, self.settings), env=env, cwd=ROOT,
+                                                    start_new_session=True)
+        logger.info("Started worker %s (pid %d) with %s", spec.name, self.children[spec.name].pid,
+                    " ".join(f"{k}={v}" for k, v in spec.env.items()))
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+        for spec in self.specs:
+            self._spawn(spec)
+        while not self.stopping:
+            for spec in self.specs:
+                proc = self.children[spec.name]
+                if proc.poll() is not None and not self.stopping:
+                    logger.error("Worker %s exited with %s; restarting in %.0fs", spec.name, proc.returncode,
+                                 RESTART_DELAY_S)
+                    time.sleep(RESTART_DELAY_S)
+                    if not self.stopping:
+                        self._spawn(spec)
+            time.sleep(0.5)
+        for name, proc in self.children.items():
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in self.children.items():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                logger.warning("Worker %s did not stop in 60s; killing it", name)
+                proc.kill()
+        return 0
+
+    def _stop(self, *_):
+        self.stopping = True
+
+
+def main() -> int:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    gpus = visible_gpus(settings.gpus)
+    specs = plan(gpus, settings.cpu_workers, settings.torch_threads, os.cpu_count() or 1)
+    logger.info("Launching %d worker(s) on %s for queue %s", len(specs), "GPUs " + ",".join(gpus) if gpus else "CPU",
+                settings.queue)
+    return Launcher(settings, specs).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
