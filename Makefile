@@ -1,4 +1,5 @@
-# `make run` starts the whole stack on loopback; `make test` runs every test.
+# `make run` starts the whole stack on loopback; `make test` runs every test;
+# `make bench` measures throughput and latency into docs/benchmarks.md.
 # Both first install what is missing: Debian packages, the Python environment, the model.
 SHELL := /bin/bash
 PY ?= python3
@@ -6,7 +7,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 
-.PHONY: setup deps run test clean
+.PHONY: setup deps run test bench clean
 
 setup: deps $(VENV)/.installed $(MODEL_DIR)/.converted
 
@@ -16,7 +17,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --progress-bar on -e '.[web,worker,convert,dev]'
+	$(PYTHON) -m pip install --progress-bar on -e '.[web,worker,convert,bench,dev]'
 	touch $@
 
 $(MODEL_DIR)/.converted: | $(VENV)/.installed
@@ -27,6 +28,9 @@ run: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+bench: setup
+	$(PYTHON) -m scripts.bench
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -1,0 +1,270 @@
+"""``make bench``: throughput and latency of the whole stack against a raw-model gauge.
+
+Starts its own Redis, PostgreSQL pair, web server and workers on free loopback
+ports, drives the real WebSocket API, and writes docs/benchmarks.md, .json and
+.png. Every figure that matters is a ratio of two measurements of this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from config.settings import ROOT, Settings
+from scripts import loadgen
+from scripts.services import (
+    PostgresPair,
+    free_port,
+    migrate,
+    settings_env,
+    start_launcher,
+    start_redis,
+    start_web,
+)
+
+logger = logging.getLogger("bench")
+
+NEW_TOKENS = 64
+
+
+def probe(what: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_probe", what, str(threads)], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env={**settings_env(Settings()), "TQDM_DISABLE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class Bench:
+    def __init__(self, root: Path, quick: bool):
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.scale = 0.5 if quick else 1.0
+        self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
+                             replica_port=free_port(), web_port=free_port(), default_max_new_tokens=NEW_TOKENS,
+                             max_new_tokens_cap=NEW_TOKENS, web_threads=640, log_level="WARNING")
+        self.url = f"http://127.0.0.1:{self.base.web_port}"
+        self.runs: list[dict] = []
+        self.procs = []
+        self.pg = PostgresPair(root / "pg", self.base.primary_port, self.base.replica_port, durable=False)
+
+    def n(self, count: int) -> int:
+        return max(4, int(count * self.scale))
+
+    def start(self) -> None:
+        self.procs.append(start_redis(self.base.redis_port, self.root / "redis", self.logs))
+        self.pg.start()
+        migrate(self.base.resolved_database_url)
+        self.procs.append(start_web(self.base, self.logs))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.pg.stop()
+
+    def workers(self, label: str, count: int, **overrides):
+        """Start ``count`` workers through the launcher with the given settings."""
+        settings = self.base.model_copy(update={"cpu_workers": count, **overrides})
+        client = redis.Redis.from_url(self.base.resolved_redis_url)
+        for key in client.scan_iter("worker:*"):
+            client.delete(key)
+        client.close()
+        logger.info("Workers: %s", label)
+        proc = start_launcher(settings, self.logs, count)
+        self.load(f"{label} warm-up", lambda: loadgen.closed_loop(self.url, count, 2 * count, 8))
+        return proc
+
+    def load(self, label: str, fn) -> dict:
+        summary = loadgen.summarize(fn())
+        summary["label"] = label
+        logger.info("%-34s %-10s %6.1f tok/s  ttft p50 %s ms  itl p50 %s ms  errors %d", label, summary["offered"],
+                    summary["tokens_per_s"], summary["ttft_ms"]["p50"], summary["itl_ms"]["p50"], summary["errors"])
+        if not label.endswith("warm-up"):
+            self.runs.append(summary)
+        return summary
+
+    def idle_sockets(self, count: int) -> dict:
+        web = psutil.Process(self.procs[-1].pid).children()[0]
+        before = rss_mb(web.pid)
+        cookie = loadgen._cookie(self.url)
+        sockets = [loadgen._connect(self.url, cookie) for _ in range(count)]
+        time.sleep(2)
+        after = rss_mb(web.pid)
+        ping = loadgen._connect(self.url, cookie)
+        ping.send(json.dumps({"type": "ping"}))
+        answered = json.loads(ping.recv()) == {"type": "pong"}
+        for ws in [*sockets, ping]:
+            ws.close()
+        return {"sockets": count, "web_rss_idle_mb": round(before, 1), "web_rss_with_sockets_mb": round(after, 1),
+                "still_answers": answered}
+
+    def run(self) -> dict:
+        out: dict = {}
+        logger.info("Gauge (raw forward pass) and generate() baseline, in-process")
+        out["gauge_before"] = probe("gauge", 0)
+        logger.info("CPU %s, bfloat16 flags %s: dtype %s (%s)", out["gauge_before"]["cpu_capability"],
+                    out["gauge_before"]["cpu_bf16_flags"], out["gauge_before"]["dtype"],
+                    out["gauge_before"]["dtype_reason"])
+        out["engine_alone"] = probe("engine", 0)
+        self.start()
+        try:
+            w = self.workers("batching, 1 worker", 1)
+            out["worker_rss_mb"] = round(sum(rss_mb(c.pid) for c in psutil.Process(w.pid).children()), 1)
+            out["stack"] = {
+                "c1": self.load("stack", lambda: loadgen.closed_loop(self.url, 1, self.n(8), NEW_TOKENS)),
+                "c4": self.load("stack", lambda: loadgen.closed_loop(self.url, 4, self.n(16), NEW_TOKENS)),
+                "c16": self.load("stack", lambda: loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS)),
+            }
+            out["poisson"] = [self.load("stack, open loop", lambda r=r: loadgen.poisson(self.url, r, self.n(24),
+                                                                                            NEW_TOKENS))
+                              for r in (0.5, 1.0, 2.0, 4.0)]
+            out["memory"] = {"worker_rss_mb": out["worker_rss_mb"], **self.idle_sockets(500)}
+            w.stop()
+
+            w = self.workers("generate() baseline, 1 worker", 1, engine="generate")
+            out["baseline"] = {
+                "c1": self.load("baseline", lambda: loadgen.closed_loop(self.url, 1, self.n(8), NEW_TOKENS)),
+                "c16": self.load("baseline", lambda: loadgen.closed_loop(self.url, 16, self.n(16), NEW_TOKENS)),
+            }
+            w.stop()
+
+            w = self.workers("1 worker x 1 thread", 1, torch_threads=1)
+            out["one_1t"] = self.load("1 worker x 1 thread", lambda: loadgen.closed_loop(self.url, 16, self.n(48),
+                                                                                            NEW_TOKENS))
+            w.stop()
+            w = self.workers("2 workers x 1 thread", 2, torch_threads=1)
+            out["two_1t"] = self.load("2 workers x 1 thread", lambda: loadgen.closed_loop(self.url, 32, self.n(96),
+                                                                                             NEW_TOKENS))
+            w.stop()
+        finally:
+            self.stop()
+        out["gauge_after"] = probe("gauge", 0)
+        out["runs"] = self.runs
+        out["ratios"] = ratios(out)
+        return out
+
+
+def ratios(out: dict) -> dict:
+    g = out["gauge_before"]
+    s16 = out["stack"]["c16"]["tokens_per_s"]
+    lone_itl = out["stack"]["c1"]["itl_ms"]["p50"]
+    return {
+        "stack_c16_over_raw16": round(s16 / g["raw_tps16"], 2),
+        "stack_c16_over_baseline_c16": round(s16 / out["baseline"]["c16"]["tokens_per_s"], 2),
+        "lone_itl_stack_ms": lone_itl,
+        "lone_itl_engine_ms": round(out["engine_alone"]["lone"]["itl_ms"], 1),
+        "lone_itl_generate_ms": round(g["generate"]["itl_ms"], 1),
+        "raw_step1_ms": round(g["raw_step1_ms"], 1),
+        "lone_itl_stack_over_raw_step1": round(lone_itl / g["raw_step1_ms"], 2),
+        "lone_itl_stack_over_generate": round(lone_itl / g["generate"]["itl_ms"], 2),
+        "ttft_stack_minus_engine_ms": round(out["stack"]["c1"]["ttft_ms"]["p50"]
+                                            - out["engine_alone"]["lone"]["ttft_ms"], 1),
+        "two_workers_over_one_1t": round(out["two_1t"]["tokens_per_s"] / out["one_1t"]["tokens_per_s"], 2),
+        "gauge_drift_raw16": round(out["gauge_after"]["raw_tps16"] / g["raw_tps16"], 2),
+        "raw16_over_raw1": round(g["raw_tps16"] / g["raw_tps1"], 2),
+    }
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, name in (("stack", "batching engine"), ("baseline", "generate() per request")):
+        runs = out[key]
+        xs = [int(r["offered"].split("=")[1]) for r in runs.values()]
+        left.plot(xs, [r["tokens_per_s"] for r in runs.values()], "o-", label=name)
+        right.plot(xs, [r["ttft_ms"]["p50"] for r in runs.values()], "o-", label=f"{name}, TTFT p50")
+        right.plot(xs, [r["itl_ms"]["p50"] for r in runs.values()], "s--", label=f"{name}, ITL p50")
+    left.axhline(out["gauge_before"]["raw_tps16"], color="grey", ls=":", label="raw gauge, batch 16")
+    left.set(xlabel="concurrent chats", ylabel="output tokens/s", title="Throughput against offered load")
+    right.set(xlabel="concurrent chats", ylabel="ms", yscale="log", title="Latency against offered load")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(out: dict) -> str:
+    g, r = out["gauge_before"], out["ratios"]
+    lines = [
+        "# Benchmarks", "",
+        "Measured by `make bench` (`python -m scripts.bench`): the real stack (gunicorn, Redis, PostgreSQL "
+        "primary and replica, Celery workers, the model) on loopback, driven through the WebSocket API by "
+        f"`scripts/loadgen.py`; greedy, {NEW_TOKENS} new tokens, eight short prompts in turn. "
+        "Figures are ratios within this one run: the machine's speed drifts.", "",
+        f"- CPU capability `{g['cpu_capability']}`, native bfloat16 flags: {', '.join(g['cpu_bf16_flags']) or 'none'}",
+        f"- dtype `{g['dtype']}` ({g['dtype_reason']}), {g['torch_threads']} torch threads",
+        f"- raw gauge (bare forward pass, no stack): {g['raw_step1_ms']:.1f} ms a step at batch 1 "
+        f"({g['raw_tps1']:.1f} tok/s), {g['raw_step16_ms']:.1f} ms at batch 16 ({g['raw_tps16']:.1f} tok/s); "
+        f"batch 16 over batch 1: {r['raw16_over_raw1']}x; after the run: {out['gauge_after']['raw_tps16']:.1f} "
+        f"tok/s at 16 (drift {r['gauge_drift_raw16']}x)", "",
+        "## Targets", "",
+        "| figure | measured | target |", "| --- | --- | --- |",
+        f"| stack at 16 chats / raw gauge at batch 16 | {r['stack_c16_over_raw16']}x | ≥ 0.8x |",
+        f"| stack at 16 chats / generate() baseline at 16 chats | {r['stack_c16_over_baseline_c16']}x | ≥ 8x "
+        "(native bfloat16) |",
+        f"| lone request ITL p50 through the stack | {r['lone_itl_stack_ms']} ms (engine alone "
+        f"{r['lone_itl_engine_ms']} ms, generate() {r['lone_itl_generate_ms']} ms) | ≤ generate() |",
+        f"| lone ITL / raw batch-1 step ({r['raw_step1_ms']} ms) | {r['lone_itl_stack_over_raw_step1']}x | ≤ 1.25x |",
+        f"| TTFT p50 through the stack minus the engine's own | {r['ttft_stack_minus_engine_ms']} ms | < 15 ms |",
+        f"| 2 workers x 1 thread / 1 worker x 1 thread, saturated | {r['two_workers_over_one_1t']}x | ≥ 1.6x |",
+        "", "## Every load", "",
+        "| run | offered | completed | errors | tok/s | TTFT p50 / p95 / p99 ms | ITL p50 / p95 / p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in out["runs"]:
+        t, i = run["ttft_ms"], run["itl_ms"]
+        lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
+                     f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
+                     f"{i['p50']} / {i['p95']} / {i['p99']} |")
+    m = out["memory"]
+    lines += ["", "## Memory", "",
+              f"- a worker with the model loaded: {m['worker_rss_mb']} MB resident",
+              f"- the web process: {m['web_rss_idle_mb']} MB idle, {m['web_rss_with_sockets_mb']} MB with "
+              f"{m['sockets']} open idle WebSockets (still answering: {m['still_answers']})",
+              "", "![throughput and latency against offered load](benchmarks.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--quick", action="store_true", help="half the requests per load")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    root = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    os.chmod(root, 0o755)
+    try:
+        out = Bench(root, args.quick).run()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks.json").write_text(json.dumps(out, indent=2))
+    plot(out, args.out / "benchmarks.png")
+    (args.out / "benchmarks.md").write_text(markdown(out))
+    print(json.dumps(out["ratios"], indent=2))
+    print(f"wrote {args.out / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

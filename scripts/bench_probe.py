@@ -1,0 +1,102 @@
+"""In-process measurements for the benchmark, each run in a fresh process and printed as JSON:
+
+    python -m scripts.bench_probe gauge   # raw forward pass at batch 1 and 16, and one generate() per request
+    python -m scripts.bench_probe engine  # the batching engine alone, no stack
+
+Each runs in a process of its own so that no other torch thread team shares the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+from config.settings import DEFAULT_MODEL_DIR
+from scripts.loadgen import PROMPTS
+from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
+from workers.model import cpu_flags, load_model
+from workers.prompt import build_prompt_ids
+
+SYSTEM = "You are a helpful assistant."
+NEW_TOKENS = 64
+
+
+def prompts(loaded) -> list[list[int]]:
+    return [build_prompt_ids(loaded.tokenizer, SYSTEM, [{"role": "user", "content": p}], 1000) for p in PROMPTS]
+
+
+def raw_step(loaded, batch: int, prompt_len: int = 40, steps: int = 48) -> float:
+    """Median seconds of one bare decode step (model forward with a KV cache, greedy), no stack."""
+    model = loaded.model
+    with torch.inference_mode():
+        ids = torch.randint(100, 5000, (batch, prompt_len), device=loaded.device)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def timed(engine, ids: list[int]) -> tuple[float, list[float], int]:
+    """(time to first text, gaps between texts, tokens) of one request alone."""
+    stamps: list[float] = []
+    started = time.perf_counter()
+    result = engine.generate(ids, GenerationParams(NEW_TOKENS), lambda _: stamps.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - started, gaps, result.completion_tokens
+
+
+def lone(engine, all_ids: list[list[int]]) -> dict:
+    timed(engine, all_ids[0])  # warm-up
+    ttft, gaps = [], []
+    for ids in all_ids:
+        first, g, _ = timed(engine, ids)
+        ttft.append(first)
+        gaps += g
+    return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
+
+
+def gauge(threads: int) -> dict:
+    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+    raw_step(loaded, 1, steps=8)  # warm-up
+    step1, step16 = raw_step(loaded, 1), raw_step(loaded, 16)
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+        "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
+        "torch_threads": torch.get_num_threads(),
+        "raw_step1_ms": 1000 * step1, "raw_tps1": 1 / step1,
+        "raw_step16_ms": 1000 * step16, "raw_tps16": 16 / step16,
+        "generate": lone(GenerateEngine(loaded), prompts(loaded)),
+    }
+
+
+def engine(threads: int) -> dict:
+    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+    eng = BatchingEngine(loaded, max_batch=16).start()
+    try:
+        all_ids = prompts(loaded)
+        result = {"lone": lone(eng, all_ids)}
+        started = time.perf_counter()
+        futures = [eng.submit(all_ids[i % len(all_ids)], GenerationParams(NEW_TOKENS), lambda _: None)
+                   for i in range(16)]
+        tokens = sum(f.result().completion_tokens for f in futures)
+        result["batch16_tps"] = tokens / (time.perf_counter() - started)
+        return result
+    finally:
+        eng.stop()
+
+
+if __name__ == "__main__":
+    what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    print(json.dumps({"gauge": gauge, "engine": engine}[what](threads)))

@@ -1,0 +1,157 @@
+"""A load generator that drives the real WebSocket API: closed loop (C chats back to back)
+or open loop (Poisson arrivals at a given rate), bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import requests
+import websocket
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a rainbow forms, step by step.",
+    "Describe a busy morning at a city market.",
+    "What are the benefits of regular exercise? Give several reasons.",
+    "Explain the water cycle to a ten-year-old.",
+    "Write a letter to a friend describing your last holiday.",
+    "How does a bicycle work? Describe its main parts.",
+    "Give some tips for learning a new language.",
+]
+
+
+@dataclass
+class Sample:
+    sent: float
+    token_times: list[float] = field(default_factory=list)
+    done: float | None = None
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    accepted: bool = False
+
+
+@dataclass
+class Run:
+    label: str
+    offered: str
+    samples: list[Sample]
+    wall_s: float
+
+
+def _cookie(base_url: str) -> str:
+    http = requests.Session()
+    http.get(base_url + "/", timeout=10).raise_for_status()
+    return "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+
+
+def _connect(base_url: str, cookie: str) -> websocket.WebSocket:
+    return websocket.create_connection(base_url.replace("http", "ws", 1) + "/ws", cookie=cookie, timeout=120)
+
+
+def _one(ws: websocket.WebSocket, prompt: str, max_new_tokens: int) -> Sample:
+    sample = Sample(sent=time.perf_counter())
+    try:
+        ws.send(json.dumps({"type": "chat", "content": prompt, "max_new_tokens": max_new_tokens, "temperature": 0}))
+        while True:
+            frame = json.loads(ws.recv())
+            now = time.perf_counter()
+            if frame["type"] == "accepted":
+                sample.accepted = True
+            elif frame["type"] == "token":
+                sample.token_times.append(now)
+            elif frame["type"] == "done":
+                sample.done = now
+                sample.completion_tokens = frame["usage"]["completion_tokens"]
+                sample.finish_reason = frame["finish_reason"]
+                return sample
+            elif frame["type"] == "error":
+                sample.error = frame["code"]
+                return sample
+    except Exception as exc:  # a broken socket counts as an error, not a crash of the run
+        sample.error = type(exc).__name__
+        return sample
+
+
+def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "") -> Run:
+    """``concurrency`` chats, each sending its next request when the last is done."""
+    cookie = _cookie(base_url)
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client() -> None:
+        ws = _connect(base_url, cookie)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                s = _one(ws, PROMPTS[i % len(PROMPTS)], max_new_tokens)
+                with lock:
+                    samples.append(s)
+        finally:
+            ws.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    return Run(label, f"C={concurrency}", samples, time.perf_counter() - started)
+
+
+def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:
+    """Open loop: ``total`` requests arriving at ``rate`` per second on average, each on its own socket."""
+    cookie = _cookie(base_url)
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    sockets = [_connect(base_url, cookie) for _ in range(total)]  # opened up front: arrivals time only the chat
+
+    def request(i: int) -> None:
+        s = _one(sockets[i], PROMPTS[i % len(PROMPTS)], max_new_tokens)
+        with lock:
+            samples.append(s)
+
+    started = time.perf_counter()
+    threads = []
+    for i in range(total):
+        t = threading.Thread(target=request, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join(900)
+    for ws in sockets:
+        ws.close()
+    return Run(label, f"{rate:g} req/s", samples, time.perf_counter() - started)
+
+
+def _pct(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    arr = np.asarray(values) * 1000
+    return {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in (50, 95, 99)}
+
+
+def summarize(run: Run) -> dict:
+    """Accepted, completed, errors; TTFT and inter-token latency percentiles (ms); output tokens/s."""
+    done = [s for s in run.samples if s.done is not None and s.error is None]
+    ttft = [s.token_times[0] - s.sent for s in done if s.token_times]
+    itl = [b - a for s in done for a, b in zip(s.token_times, s.token_times[1:])]
+    tokens = sum(s.completion_tokens for s in done)
+    return {
+        "label": run.label, "offered": run.offered, "requests": len(run.samples),
+        "accepted": sum(s.accepted for s in run.samples), "completed": len(done),
+        "errors": sum(1 for s in run.samples if s.error is not None),
+        "ttft_ms": _pct(ttft), "itl_ms": _pct(itl), "output_tokens": tokens,
+        "wall_s": round(run.wall_s, 2), "tokens_per_s": round(tokens / run.wall_s, 1) if run.wall_s else 0.0,
+    }
