@@ -2,7 +2,8 @@
 
 Each request has a Redis Stream ``stream:<request_id>`` holding its `token`
 frames (seq 0, 1, 2, ...) and one final `done` frame, kept for a while after
-the last write so that a reconnecting client can resume.
+the last write so that a reconnecting client can resume. Workers write them
+(workers/relay.py); the web tier follows them here.
 """
 
 from __future__ import annotations
@@ -32,27 +33,9 @@ def connect(url: str, max_connections: int | None = None) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-class StreamPublisher:
-    """Appends a request's frames to its stream (the worker side)."""
-
-    def __init__(self, client: redis.Redis, ttl_s: int, maxlen: int):
-        self.client = client
-        self.ttl_s = ttl_s
-        self.maxlen = maxlen
-
-    def publish(self, request_id: str, frame: dict) -> None:
-        key = stream_key(request_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(key, {"frame": json.dumps(frame, ensure_ascii=False)}, maxlen=self.maxlen, approximate=True)
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
-
-    def events(self, request_id: str) -> list[dict]:
-        """Every frame stored so far, oldest first."""
-        return [json.loads(f["frame"]) for _, f in self.client.xrange(stream_key(request_id))]
-
-    def is_cancelled(self, request_id: str) -> bool:
-        return bool(self.client.exists(cancel_key(request_id)))
+def stream_events(client: redis.Redis, request_id: str) -> list[dict]:
+    """Every frame of the request's stream so far, oldest first."""
+    return [json.loads(f["frame"]) for _, f in client.xrange(stream_key(request_id))]
 
 
 def request_cancel(client: redis.Redis, request_id: str, ttl_s: int) -> None:

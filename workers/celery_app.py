@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -58,7 +59,7 @@ def _start(sender=None, **_):
     store = Store(settings.resolved_database_url, settings.resolved_replica_url,
                   pool_size=min(settings.resolved_worker_concurrency, 10) + 1)
     _runtime["handler"] = RequestHandler(
-        store, streams.StreamPublisher(redis_client, settings.stream_ttl_s, settings.stream_maxlen),
+        store, functools.partial(streams.stream_events, redis_client),
         TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen), CancelWatcher(redis_client),
         engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"

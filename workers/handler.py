@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from app.protocol import done_frame, token_frame
 from app.storage import Store
-from app.streams import StreamPublisher
 from workers.engine import GenerationParams
 from workers.prompt import build_prompt_ids
 from workers.relay import CancelWatcher, TokenRelay
@@ -20,10 +20,10 @@ class RequestHandler:
     Many handlers run at once (one per Celery task thread); they share one engine.
     """
 
-    def __init__(self, store: Store, streams: StreamPublisher, relay: TokenRelay, cancels: CancelWatcher,
-                 engine, tokenizer, system_prompt: str, default_max_new_tokens: int):
+    def __init__(self, store: Store, events: Callable[[str], list[dict]], relay: TokenRelay,
+                 cancels: CancelWatcher, engine, tokenizer, system_prompt: str, default_max_new_tokens: int):
         self.store = store
-        self.streams = streams
+        self.events = events
         self.relay = relay
         self.cancels = cancels
         self.engine = engine
@@ -40,7 +40,7 @@ class RequestHandler:
             self.relay.send(request_id, done_frame(request_id, None, "cancelled", 0, 0), wait=True)
             return "cancelled"
 
-        earlier = self.streams.events(request_id)
+        earlier = self.events(request_id)
         stored = self.store.reply_for(request_id)
         if stored is not None:
             # Stored before a crash, but perhaps not announced: announce it once.
