@@ -133,7 +133,7 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-def _pg_run(argv: list[str], log: Path | None = None) -> None:
+def _pg_run(argv: list[str]) -> None:
     result = subprocess.run(_as_postgres(argv), capture_output=True, text=True, cwd="/",
                             start_new_session=True)
     if result.returncode != 0:
