@@ -131,6 +131,7 @@ class PromptRequest:
     conversation_id: str
     params: dict
     history: list[dict]  # [{"role", "content"}], oldest first, up to this request's message
+    reply: Message | None  # already stored: this is a redelivery
 
 
 class Store:
@@ -141,10 +142,6 @@ class Store:
         self.primary: Engine = create_engine(primary_url, **kw)
         self.replica: Engine = create_engine(replica_url, **kw)
         self._sessions = sessionmaker(class_=RoutingSession, expire_on_commit=False)
-
-    def dispose(self) -> None:
-        self.primary.dispose()
-        self.replica.dispose()
 
     @contextlib.contextmanager
     def session(self, primary: bool = False) -> Iterator[Session]:
@@ -252,7 +249,7 @@ class Store:
     # --- the worker -----------------------------------------------------------
 
     def prompt_request(self, request_id: str) -> PromptRequest | None:
-        """The request and its history, from the primary so the new message is there."""
+        """The request, its history and any reply already stored, from the primary so the new message is there."""
         with self.session(primary=True) as s:
             req = s.get(ChatRequest, request_id)
             if req is None:
@@ -264,12 +261,9 @@ class Store:
                 Message.status != "failed",
             ).order_by(Message.created_at, Message.role.desc())).all()
             history = [{"role": r.role, "content": r.content} for r in rows]
-            return PromptRequest(req.id, req.conversation_id, dict(req.params), history)
-
-    def reply_for(self, request_id: str) -> Message | None:
-        with self.session(primary=True) as s:
-            return s.scalars(select(Message).where(Message.request_id == request_id,
-                                                   Message.role == "assistant")).first()
+            reply = s.scalars(select(Message).where(Message.request_id == request_id,
+                                                    Message.role == "assistant")).first()
+            return PromptRequest(req.id, req.conversation_id, dict(req.params), history, reply)
 
     def store_reply(self, request_id: str, conversation_id: str, content: str, finish_reason: str,
                     prompt_tokens: int, completion_tokens: int) -> str | None:

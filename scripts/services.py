@@ -22,7 +22,9 @@ from pathlib import Path
 
 import psycopg
 
+from app import streams
 from config.settings import ROOT, Settings
+from workers.launch import WorkerSpec, worker_argv
 
 logger = logging.getLogger(__name__)
 
@@ -246,43 +248,29 @@ def migrate(database_url: str) -> None:
 
 # --- Celery, gunicorn, Flower --------------------------------------------------
 
-def start_worker(settings: Settings, name: str, log_dir: Path | None, extra_env: dict | None = None) -> Process:
-    """One Celery worker process on the model's queue; ready once its model is loaded."""
-    env = {**settings_env(settings), **(extra_env or {})}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-n", name,
-            "-Q", settings.queue, "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
-    proc = Process(name.split("@")[0], argv, env=env, log_dir=log_dir)
-    import redis
-
-    client = redis.Redis.from_url(settings.resolved_redis_url)
-
-    def loaded() -> bool:
-        # The heartbeat key appears once the model has loaded in the worker.
-        return any(json.loads(v).get("pid") == proc.pid for v in client.mget(list(client.scan_iter("worker:*"))) if v)
-
+def _wait_for_heartbeats(settings: Settings, proc: Process, ready, timeout: float) -> None:
+    """Wait until ``ready(heartbeats)``: a worker's heartbeat appears once its model has loaded."""
+    client = streams.connect(settings.resolved_redis_url, max_connections=2)
     try:
-        wait_until(loaded, 180, f"worker {name}", proc.proc)
+        wait_until(lambda: ready(streams.live_workers(client)), timeout, proc.name, proc.proc)
     finally:
         client.close()
+
+
+def start_worker(settings: Settings, name: str, log_dir: Path | None) -> Process:
+    """One Celery worker process on the model's queue; ready once its model is loaded."""
+    proc = Process(name.split("@")[0], worker_argv(WorkerSpec(name, {}), settings), env=settings_env(settings),
+                   log_dir=log_dir)
+    _wait_for_heartbeats(settings, proc, lambda beats: any(b.get("pid") == proc.pid for b in beats), 180)
     return proc
 
 
 def start_launcher(settings: Settings, log_dir: Path | None, expected: int) -> Process:
     """``python -m workers.launch``; ready once ``expected`` workers have loaded the model."""
-    proc = Process("workers", [sys.executable, "-m", "workers.launch"], env=settings_env(settings), log_dir=log_dir)
-    import redis
-
-    client = redis.Redis.from_url(settings.resolved_redis_url)
     started = time.time()
-
-    def loaded() -> bool:
-        beats = [json.loads(v) for v in client.mget(list(client.scan_iter("worker:*"))) if v]
-        return sum(1 for b in beats if b.get("since", 0) >= started and b.get("queue") == settings.queue) >= expected
-
-    try:
-        wait_until(loaded, 240, "workers", proc.proc)
-    finally:
-        client.close()
+    proc = Process("workers", [sys.executable, "-m", "workers.launch"], env=settings_env(settings), log_dir=log_dir)
+    _wait_for_heartbeats(settings, proc, lambda beats: sum(
+        1 for b in beats if b.get("since", 0) >= started and b.get("queue") == settings.queue) >= expected, 240)
     return proc
 
 

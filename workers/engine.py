@@ -6,13 +6,15 @@ result; the callback runs on the engine's thread and must be quick.
 
 - :class:`BatchingEngine` is the one workers use: one thread owns the model
   and decodes every active request together, one token per request per step.
-  Requests join between steps (their prompt is prefilled on its own) and leave
-  as soon as they finish or are cancelled (continuous batching).
+  Requests join between steps (prompts of one length prefilled in one pass)
+  and leave as soon as they finish or are cancelled (continuous batching).
 - :class:`GenerateEngine` is the baseline: one ``model.generate()`` call per
   request, one at a time.
 
 What transformers ships and what is written here: the model's own forward
-pass, rotary embeddings and SDPA attention do the work. transformers' own
+pass, rotary embeddings and (for prefill) SDPA do the work; a decode step's
+attention is :func:`ragged_attention`, registered with transformers'
+``AttentionInterface``. transformers' own
 continuous batching (``init_continuous_batching``) applies one generation
 config to every request (no per-request temperature) and its paged cache was
 slower than a padded batch on CPU, so the scheduling and the KV cache are
@@ -158,14 +160,13 @@ class RaggedKVCache:
         shape = (slots, kv_heads, max_tokens, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.max_tokens = max_tokens
         self._rows: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._span = 0
         self._prefill_slots: torch.Tensor | None = None
 
     def for_prefill(self, slots: torch.Tensor, width: int) -> None:
-        """Rows ``slots`` take new prompts, right-padded to ``width``, written from position 0."""
+        """Rows ``slots`` take new prompts of ``width`` tokens, written from position 0."""
         self._prefill_slots, self._span = slots, width
 
     def for_decode(self, positions: torch.Tensor, span: int) -> None:

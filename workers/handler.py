@@ -41,7 +41,7 @@ class RequestHandler:
             return "cancelled"
 
         earlier = self.events(request_id)
-        stored = self.store.reply_for(request_id)
+        stored = req.reply
         if stored is not None:
             # Stored before a crash, but perhaps not announced: announce it once.
             if not any(e["type"] == "done" for e in earlier):
