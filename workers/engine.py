@@ -236,6 +236,8 @@ class BatchingEngine:
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
                cancelled: threading.Event | None = None) -> Future:
+        if self._stopping:
+            raise RuntimeError("engine stopped")
         if not prompt_ids:
             raise ValueError("empty prompt")
         budget = min(params.max_new_tokens, self.max_tokens - len(prompt_ids))
@@ -266,11 +268,12 @@ class BatchingEngine:
                 except Exception as exc:
                     # A failed step fails every request in it; the engine keeps serving.
                     logger.exception("Engine step failed")
-                    for req in self._active:
-                        req.future.set_exception(exc)
+                    _fail(self._active, exc)
                     self._active, self._lengths, self._last = [], [], []
-        for req in self._active:
-            req.future.set_exception(RuntimeError("engine stopped"))
+        waiting = []
+        while not self._incoming.empty():
+            waiting.append(self._incoming.get_nowait())
+        _fail([r for r in self._active + waiting if r is not None], RuntimeError("engine stopped"))
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, together, within a token budget per step."""
@@ -294,7 +297,13 @@ class BatchingEngine:
         for req in joining:
             by_length.setdefault(len(req.prompt_ids), []).append(req)
         for group in by_length.values():
-            self._prefill(group)
+            try:
+                self._prefill(group)
+            except Exception as exc:
+                # Not yet (or only partly) in the batch: fail them here, or their callers wait forever.
+                logger.exception("Prefill failed")
+                _fail(group, exc)
+                self._retire()
 
     def _prefill(self, joining: list[_Request]) -> None:
         """One forward pass over new prompts of equal length; each one's last position gives its first token."""
@@ -372,12 +381,13 @@ class BatchingEngine:
         while row < len(self._active):
             req = self._active[row]
             reason = req.finish_reason or ("cancelled" if req.cancelled.is_set() else None)
-            if reason is None:
+            if reason is None and not req.future.done():
                 row += 1
                 continue
-            req.emit(req.decoder.flush())
-            req.future.set_result(GenerationResult("".join(req.pieces), reason, len(req.prompt_ids),
-                                                   req.generated, req.first_token_s))
+            if not req.future.done():  # a failed request only leaves
+                req.emit(req.decoder.flush())
+                req.future.set_result(GenerationResult("".join(req.pieces), reason, len(req.prompt_ids),
+                                                       req.generated, req.first_token_s))
             last = len(self._active) - 1
             if row != last:
                 self.cache.move(last, row, self._lengths[last])
@@ -389,6 +399,12 @@ class BatchingEngine:
 
     def _finish_unstarted(self, req: _Request) -> None:
         req.future.set_result(GenerationResult("", "cancelled", len(req.prompt_ids), 0, None))
+
+
+def _fail(reqs: list[_Request], exc: BaseException) -> None:
+    for req in reqs:
+        if not req.future.done():
+            req.future.set_exception(exc)
 
 
 class _TextStreamer:

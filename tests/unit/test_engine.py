@@ -113,3 +113,17 @@ def test_more_requests_than_slots_all_finish(engine, loaded):
 def test_prompt_too_long_for_the_cache_is_refused(engine):
     with pytest.raises(ValueError):
         engine.submit(list(range(100, 100 + engine.max_tokens)), GenerationParams(4), lambda s: None)
+
+
+def test_a_stopped_engine_refuses_and_fails_what_waited(loaded):
+    eng = BatchingEngine(loaded, max_batch=2, max_tokens=256).start()
+    eng.stop()
+    with pytest.raises(RuntimeError):
+        eng.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
+
+
+def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(engine, loaded):
+    bad = engine.submit([10**7] * 5, GenerationParams(4), lambda s: None)  # no such token: the embedding raises
+    with pytest.raises(IndexError):  # the model's own error, not a timeout
+        bad.result(60)
+    assert run(engine, loaded, PROMPTS[0]).text == "The capital of France is Paris."
