@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     torch_threads: int = 0
+    prepack: bool = True
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)

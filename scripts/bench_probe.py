@@ -1,7 +1,8 @@
 """In-process measurements for the benchmark, each run in a fresh process and printed as JSON:
 
-    python -m scripts.bench_probe gauge   # raw forward pass at batch 1 and 16, and one generate() per request
-    python -m scripts.bench_probe engine  # the batching engine alone, no stack
+    python -m scripts.bench_probe gauge     # raw forward pass at batch 1 and 16
+    python -m scripts.bench_probe generate  # one generate() per request, alone
+    python -m scripts.bench_probe engine    # the batching engine alone, no stack
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
 """
@@ -66,8 +67,12 @@ def lone(engine, all_ids: list[list[int]]) -> dict:
     return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
 
 
+def loader(threads: int):
+    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+
+
 def gauge(threads: int) -> dict:
-    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)  # this thread runs the steps
     raw_step(loaded, 1, steps=8)  # warm-up
     # The best of three medians: the most this machine gives, through its noise.
     step1 = min(raw_step(loaded, 1) for _ in range(3))
@@ -76,19 +81,26 @@ def gauge(threads: int) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
         "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
-        "torch_threads": torch.get_num_threads(),
+        "kernels": loaded.kernels, "torch_threads": torch.get_num_threads(),
         "raw_step1_ms": 1000 * step1, "raw_tps1": 1 / step1,
         "raw_step16_ms": 1000 * step16, "raw_tps16": 16 / step16,
-        "generate": lone(GenerateEngine(loaded), prompts(loaded)),
     }
 
 
-def engine(threads: int) -> dict:
-    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
-    eng = BatchingEngine(loaded, max_batch=16).start()
+def generate(threads: int) -> dict:
+    """One generate() per request, on the engine's thread as in a worker."""
+    eng = GenerateEngine(loader(threads)).start()
     try:
-        all_ids = prompts(loaded)
-        result = {"lone": lone(eng, all_ids)}
+        return lone(eng, prompts(eng.loaded))
+    finally:
+        eng.stop()
+
+
+def engine(threads: int) -> dict:
+    eng = BatchingEngine(loader(threads), max_batch=16).start()
+    try:
+        all_ids = prompts(eng.loaded)
+        result = {"lone": lone(eng, all_ids), "min_rows": eng.min_rows}
         started = time.perf_counter()
         futures = [eng.submit(all_ids[i % len(all_ids)], GenerationParams(NEW_TOKENS), lambda _: None)
                    for i in range(16)]
@@ -101,4 +113,4 @@ def engine(threads: int) -> dict:
 
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    print(json.dumps({"gauge": gauge, "engine": engine}[what](threads)))
+    print(json.dumps({"gauge": gauge, "generate": generate, "engine": engine}[what](threads)))

@@ -47,11 +47,15 @@ def _start(sender=None, **_):
     from workers.model import load_model
     from workers.relay import CancelWatcher, TokenRelay
 
-    loaded = load_model(settings.model, settings.device, settings.dtype, settings.torch_threads)
+    def load():  # on the engine's own thread: the one that runs the model
+        return load_model(settings.model, settings.device, settings.dtype, settings.torch_threads,
+                          settings.max_batch if settings.prepack else 0)
+
     if settings.engine == "batching":
-        engine = BatchingEngine(loaded, settings.max_batch, settings.engine_max_tokens).start()
+        engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens).start()
     else:
-        engine = GenerateEngine(loaded).start()
+        engine = GenerateEngine(load).start()
+    loaded = engine.loaded
     logger.info("Engine %s: %d slots, %d task threads", settings.engine,
                 settings.max_batch if settings.engine == "batching" else 1, settings.resolved_worker_concurrency)
     _runtime["engine"] = engine

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from workers.kernels import invariant_rows
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     text. So each row attends over its length rounded up to a bucket
     (:data:`SPAN_BUCKET`), whatever its neighbours: rows of one bucket share a
     call, and a row's arithmetic never depends on what else is in the batch.
+    The engine keeps the rows ordered by span, so each bucket is one range of rows.
     For one query token, two batched matrix products and a float32 softmax run
     several times faster on CPU than SDPA's kernel with a mask. Anything but
     such a decode step is plain SDPA.
@@ -133,14 +135,14 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
     out = torch.empty_like(query)
-    for idx, span, mask in ragged_groups:
-        # index_select copies: a matrix product may round a strided view differently from a contiguous tensor.
-        q = query.index_select(0, idx).view(len(idx), kv_heads, heads // kv_heads, dim)
-        k = key[:, :, :span].index_select(0, idx)
-        v = value[:, :, :span].index_select(0, idx)
+    for start, stop, span, mask in ragged_groups:
+        # Slices of the cache, never copies: a row's operands keep the same layout in any batch.
+        q = query[start:stop].reshape(stop - start, kv_heads, heads // kv_heads, dim)
+        k = key[start:stop, :, :span]
+        v = value[start:stop, :, :span]
         scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out[idx] = torch.matmul(probs, v).view(len(idx), heads, 1, dim)
+        out[start:stop] = torch.matmul(probs, v).view(stop - start, heads, 1, dim)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -187,6 +189,14 @@ class RaggedKVCache:
         n = len(self._rows)
         return k[:n, :, :self._span], v[:n, :, :self._span]
 
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange the first ``length`` positions of slots ``a`` and ``b``."""
+        for k, v in zip(self.keys, self.values):
+            for t in (k, v):
+                held = t[a, :, :length].clone()
+                t[a, :, :length] = t[b, :, :length]
+                t[b, :, :length] = held
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot ``src``'s first ``length`` positions into slot ``dst``."""
         for k, v in zip(self.keys, self.values):
@@ -194,22 +204,32 @@ class RaggedKVCache:
             v[dst, :, :length] = v[src, :, :length]
 
 
-class BatchingEngine:
-    """Continuous batching on one model, driven by one thread that owns it."""
+ModelSource = LoadedModel | Callable[[], LoadedModel]
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 16, max_tokens: int = 2048,
+
+def _take(model: ModelSource) -> LoadedModel:
+    """The model itself, loading it here (on the calling thread) when given a loader."""
+    return model() if callable(model) else model
+
+
+class BatchingEngine:
+    """Continuous batching on one model, driven by one thread that owns it.
+
+    Give it a loader rather than a loaded model to load on that thread: with
+    torch's OpenMP, a model step ran up to twice as slow on a thread other
+    than the first one in the process to do torch work.
+    """
+
+    def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
                  prefill_tokens_per_step: int = 512):
-        self.loaded = loaded
-        loaded.model.set_attn_implementation("ragged")
+        self._model_source = model
+        self.loaded: LoadedModel | None = None
         self.max_batch = max_batch
+        self._max_tokens_setting = max_tokens
+        self.max_tokens = max_tokens
         self.prefill_tokens_per_step = prefill_tokens_per_step
-        cfg = loaded.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.max_tokens = min(max_tokens, loaded.context_len)
-        # Allocated by the engine thread itself: torch work started on another
-        # thread (an OpenMP team of its own) slowed this thread's steps by up to 1.8x.
-        self._cache_shape = (cfg.num_hidden_layers, max(max_batch, 2), cfg.num_key_value_heads, head_dim)
         self.cache: RaggedKVCache | None = None
+        self.min_rows = 1  # measured on the engine thread: see _step
         self._ready = threading.Event()
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
         self._active: list[_Request] = []  # row i of the cache belongs to _active[i]
@@ -217,6 +237,7 @@ class BatchingEngine:
         self._last: list[int] = []  # the token each row feeds next
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False
+        self._start_error: Exception | None = None
         self.steps = 0
 
     @property
@@ -227,6 +248,8 @@ class BatchingEngine:
     def start(self) -> BatchingEngine:
         self._thread.start()
         self._ready.wait()
+        if self._start_error is not None:
+            raise RuntimeError("engine could not start") from self._start_error
         return self
 
     def stop(self) -> None:
@@ -256,9 +279,14 @@ class BatchingEngine:
     # --- the engine thread ----------------------------------------------------
 
     def _run(self) -> None:
-        lm = self.loaded
-        self.cache = RaggedKVCache(*self._cache_shape, self.max_tokens, lm.dtype, lm.device)
-        self._ready.set()
+        try:
+            self._setup()
+        except Exception as exc:
+            logger.exception("Engine could not start")
+            self._stopping, self._start_error = True, exc
+            return
+        finally:
+            self._ready.set()
         with torch.inference_mode():
             while not self._stopping:
                 try:
@@ -274,6 +302,19 @@ class BatchingEngine:
         while not self._incoming.empty():
             waiting.append(self._incoming.get_nowait())
         _fail([r for r in self._active + waiting if r is not None], RuntimeError("engine stopped"))
+
+    def _setup(self) -> None:
+        lm = self.loaded = _take(self._model_source)
+        lm.model.set_attn_implementation("ragged")
+        cfg = lm.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_tokens = min(self._max_tokens_setting, lm.context_len)
+        with torch.inference_mode():
+            self.min_rows = invariant_rows(lm.model, self.max_batch)
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, max(self.max_batch, self.min_rows), cfg.num_key_value_heads,
+                                   head_dim, self.max_tokens, lm.dtype, lm.device)
+        logger.info("Engine: %d slots; a step computes at least %d rows (fewer round differently here)",
+                    self.max_batch, self.min_rows)
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, together, within a token budget per step."""
@@ -325,25 +366,51 @@ class BatchingEngine:
             self._accept(len(self._active) - 1, token)
         self._retire()
 
+    def _span(self, length: int) -> int:
+        """Positions a row attends over once its next token is in: its length rounded up to a bucket."""
+        return min(-(-(length + 1) // SPAN_BUCKET) * SPAN_BUCKET, self.max_tokens)
+
+    def _order_rows(self) -> None:
+        """Keep rows in decreasing order of span, so that each span bucket is one range of rows.
+
+        A row that outgrows its bucket swaps places with the first row of a
+        smaller span: two rows of the cache copied, once per bucket crossed.
+        """
+        spans = [self._span(n) for n in self._lengths]
+        i = 1
+        while i < len(spans):
+            if spans[i] <= spans[i - 1]:
+                i += 1
+                continue
+            j = next(r for r in range(i) if spans[r] < spans[i])
+            self.cache.swap(i, j, max(self._lengths[i], self._lengths[j]))
+            for rows in (self._active, self._lengths, self._last, spans):
+                rows[i], rows[j] = rows[j], rows[i]
+            i = max(j, 1)
+
     def _step(self) -> None:
         lm = self.loaded
         dev = lm.device
+        self._order_rows()
         lengths, last = self._lengths, self._last
-        if len(lengths) == 1:
-            # A matrix product over one row rounds differently in bfloat16 than over
-            # two or more (oneDNN takes another kernel), which would make a lone
-            # request's greedy text differ from the same request in a batch. A
-            # throw-away twin in the free slot 1 keeps every step at two rows or more.
-            lengths, last = lengths * 2, last * 2
+        if len(lengths) < self.min_rows:
+            # Matrix products over few rows may take another kernel and round
+            # differently (oneDNN over one bfloat16 row, MKL over up to three
+            # float32 rows), which would make a lone request's greedy text differ
+            # from the same request in a batch. Throw-away copies of row 0 in free
+            # slots keep every step at the measured minimum.
+            pad = self.min_rows - len(lengths)
+            lengths, last = lengths + lengths[:1] * pad, last + last[:1] * pad
         positions = torch.tensor(lengths, device=dev)
-        spans = [min(-(-(n + 1) // SPAN_BUCKET) * SPAN_BUCKET, self.max_tokens) for n in lengths]
-        span = max(spans)
+        spans = [self._span(n) for n in lengths]
+        span = spans[0]
         self.cache.for_decode(positions, span)
         mask = (torch.arange(span, device=dev)[None, :] <= positions[:, None])[:, None, None, :]
-        groups = []
-        for bucket in sorted(set(spans)):
-            idx = torch.tensor([i for i, s in enumerate(spans) if s == bucket], device=dev)
-            groups.append((idx, bucket, mask.index_select(0, idx)[..., :bucket]))
+        groups, start = [], 0
+        for stop in range(1, len(spans) + 1):
+            if stop == len(spans) or spans[stop] != spans[start]:
+                groups.append((start, stop, spans[start], mask[start:stop, ..., :spans[start]]))
+                start = stop
         out = lm.model(input_ids=torch.tensor(last, device=dev)[:, None], position_ids=positions[:, None],
                        attention_mask=mask, past_key_values=self.cache, use_cache=True, ragged_groups=groups)
         tokens = self._sample(out.logits[:len(self._active), -1], self._active).tolist()
@@ -430,21 +497,28 @@ class _TextStreamer:
 
 
 class GenerateEngine:
-    """The baseline: one ``model.generate()`` per request, one request at a time."""
+    """The baseline: one ``model.generate()`` per request, one request at a time, on a thread of its own."""
 
-    def __init__(self, loaded: LoadedModel):
-        self.loaded = loaded
-        self.context_limit = loaded.context_len
-        self._lock = threading.Lock()
+    def __init__(self, model: ModelSource):
+        self._model_source = model
+        self.loaded: LoadedModel | None = None
+        self.context_limit = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
 
     def start(self) -> GenerateEngine:
+        self.loaded = self._thread.submit(_take, self._model_source).result()
+        self.context_limit = self.loaded.context_len
         return self
 
     def stop(self) -> None:
-        pass
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
     def generate(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
                  cancelled: threading.Event | None = None) -> GenerationResult:
+        return self._thread.submit(self._generate, prompt_ids, params, on_text, cancelled).result()
+
+    def _generate(self, prompt_ids: list[int], params: GenerationParams, on_text: Callable[[str], None],
+                  cancelled: threading.Event | None) -> GenerationResult:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         lm = self.loaded
@@ -464,7 +538,7 @@ class GenerateEngine:
         streamer = _TextStreamer(IncrementalDecoder(lm.tokenizer), emit, lm.eos_ids)
         budget = min(params.max_new_tokens, self.context_limit - len(prompt_ids))
         sample = params.temperature > 0
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             started = time.monotonic()
             out = lm.model.generate(
                 torch.tensor([prompt_ids], device=lm.device), attention_mask=torch.ones(1, len(prompt_ids),

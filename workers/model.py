@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.kernels import pack_linears
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +27,7 @@ class LoadedModel:
     dtype_reason: str
     context_len: int
     eos_ids: frozenset[int]
+    kernels: str = "plain linear layers"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -69,8 +72,12 @@ def pick_dtype(setting: str, device: torch.device, flags: set[str] | None = None
 
 
 def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str = "auto",
-               torch_threads: int = 0) -> LoadedModel:
-    """Load tokenizer and model from a local folder (or a cached model id) and log how."""
+               torch_threads: int = 0, prepack_rows: int = 16) -> LoadedModel:
+    """Load tokenizer and model from a local folder (or a cached model id) and log how.
+
+    ``prepack_rows`` > 0 prepacks a CPU model's linear layers for batches of
+    about that many rows (:func:`workers.kernels.pack_linears`); 0 leaves them plain.
+    """
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     device = pick_device(device_setting)
@@ -83,11 +90,12 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
         logger.exception("Could not load model %s on %s", model_id, device)
         raise
     model.eval()
+    kernels = pack_linears(model, prepack_rows) if prepack_rows > 0 else "plain linear layers (prepacking off)"
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     context_len = int(getattr(model.config, "max_position_embeddings", 2048))
-    logger.info("Loaded model %s on %s as %s (%s) in %.2fs, %d torch threads, context %d tokens",
+    logger.info("Loaded model %s on %s as %s (%s) in %.2fs, %d torch threads, context %d tokens, %s",
                 model_id, device, str(dtype).removeprefix("torch."), reason, time.monotonic() - started,
-                torch.get_num_threads(), context_len)
+                torch.get_num_threads(), context_len, kernels)
     return LoadedModel(model, tokenizer, model_id, device, dtype, reason, context_len,
-                       frozenset(i for i in eos_ids if i is not None))
+                       frozenset(i for i in eos_ids if i is not None), kernels)

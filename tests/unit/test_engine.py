@@ -17,15 +17,16 @@ PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step 
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return load_model(str(DEFAULT_MODEL_DIR))
+def engine():
+    # Loaded on the engine's thread, as a worker does.
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR)), max_batch=8, max_tokens=512).start()
+    yield eng
+    eng.stop()
 
 
 @pytest.fixture(scope="module")
-def engine(loaded):
-    eng = BatchingEngine(loaded, max_batch=8, max_tokens=512).start()
-    yield eng
-    eng.stop()
+def loaded(engine):
+    return engine.loaded
 
 
 def ids(loaded, prompt: str) -> list[int]:
@@ -44,7 +45,9 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     result = run(engine, loaded, PROMPTS[0])
     assert result.text == "The capital of France is Paris."
     assert result.finish_reason == "stop"
-    baseline = GenerateEngine(loaded).generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
+    generate = GenerateEngine(loaded).start()
+    baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
+    generate.stop()
     assert baseline.text == result.text and baseline.completion_tokens == result.completion_tokens
 
 
@@ -53,6 +56,35 @@ def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
     futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS]
     together = [f.result(120).text for f in futures]
     assert together == alone
+
+
+def test_rows_of_different_spans_decode_as_they_would_alone(engine, loaded):
+    """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
+    history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
+               {"role": "assistant", "content": "Bicycles appeared in the nineteenth century " * 7},
+               {"role": "user", "content": "And what came next?"}]
+    long_ids = build_prompt_ids(loaded.tokenizer, "You are a helpful assistant.", history, 400)
+    assert 100 < len(long_ids) < 128 - 8  # starts in the first bucket and leaves it while decoding
+    alone_long = engine.generate(long_ids, GenerationParams(40), lambda s: None).text
+    alone_short = [run(engine, loaded, p, n=40).text for p in PROMPTS[:3]]
+    futures = [engine.submit(ids(loaded, p), GenerationParams(40), lambda s: None) for p in PROMPTS[:3]]
+    futures.insert(1, engine.submit(long_ids, GenerationParams(40), lambda s: None))
+    texts = [f.result(120).text for f in futures]
+    assert texts == [alone_short[0], alone_long, *alone_short[1:]]
+
+
+def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
+    """Plain (not prepacked) layers may round a few rows differently: the engine pads steps to its measured minimum."""
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), prepack_rows=0), max_batch=8,
+                         max_tokens=256).start()
+    try:
+        assert "prepacking off" in eng.loaded.kernels
+        assert 1 <= eng.min_rows <= 8
+        alone = [run(eng, eng.loaded, p, n=12).text for p in PROMPTS[:4]]
+        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(12), lambda s: None) for p in PROMPTS[:4]]
+        assert [f.result(120).text for f in futures] == alone
+    finally:
+        eng.stop()
 
 
 def test_requests_join_and_leave_between_steps(engine, loaded):
