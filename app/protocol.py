@@ -126,6 +126,10 @@ def token_frame(request_id: str, seq: int, text: str) -> dict:
 
 
 def done_frame(request_id: str, message_id: str | None, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
-    return {"type": "done", "request_id": request_id, "message_id": message_id, "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+               completion_tokens: int, engine_first_token_ms: float | None = None) -> dict:
+    """``timing.engine_first_token_ms`` (optional): from the engine taking the request to its first token."""
+    frame = {"type": "done", "request_id": request_id, "message_id": message_id, "finish_reason": finish_reason,
+             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+    if engine_first_token_ms is not None:
+        frame["timing"] = {"engine_first_token_ms": round(engine_first_token_ms, 1)}
+    return frame

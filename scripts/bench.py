@@ -172,8 +172,7 @@ def ratios(out: dict) -> dict:
         "raw_step1_ms": round(g["raw_step1_ms"], 1),
         "lone_itl_stack_over_raw_step1": round(lone_itl / g["raw_step1_ms"], 2),
         "lone_itl_stack_over_generate": round(lone_itl / out["generate_alone"]["itl_ms"], 2),
-        "ttft_stack_minus_engine_ms": round(out["stack"]["c1"]["ttft_ms"]["p50"]
-                                            - out["engine_alone"]["lone"]["ttft_ms"], 1),
+        "ttft_stack_minus_engine_ms": out["stack"]["c1"]["ttft_stack_overhead_ms"]["p50"],
         "two_workers_over_one_1t": round(out["two_1t"]["tokens_per_s"] / out["one_1t"]["tokens_per_s"], 2),
         "gauge_drift_raw16": round(out["gauge_after"]["raw_tps16"] / g["raw_tps16"], 2),
         "raw16_over_raw1": round(g["raw_tps16"] / g["raw_tps1"], 2),
@@ -238,7 +237,8 @@ def markdown(out: dict) -> str:
         f"{r['lone_itl_engine_ms']} ms) | ≤ 1x | {_yes(r['lone_itl_stack_over_generate'] <= 1)} |",
         f"| lone ITL / raw batch-1 step ({r['raw_step1_ms']} ms) | {r['lone_itl_stack_over_raw_step1']}x | ≤ 1.25x | "
         f"{_yes(r['lone_itl_stack_over_raw_step1'] <= 1.25)} |",
-        f"| TTFT p50 through the stack minus the engine's own | {r['ttft_stack_minus_engine_ms']} ms | < 15 ms | "
+        f"| TTFT through the stack minus the engine's own (per request, from `done.timing`), p50 at C=1 | "
+        f"{r['ttft_stack_minus_engine_ms']} ms | < 15 ms | "
         f"{_yes(r['ttft_stack_minus_engine_ms'] < 15)} |",
         f"| 2 workers x 1 thread / 1 worker x 1 thread, saturated | {r['two_workers_over_one_1t']}x | ≥ 1.6x | "
         f"{_yes(r['two_workers_over_one_1t'] >= 1.6)} |",

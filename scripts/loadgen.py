@@ -34,6 +34,7 @@ class Sample:
     finish_reason: str | None = None
     error: str | None = None
     accepted: bool = False
+    engine_first_token_ms: float | None = None  # from the done frame's timing
 
 
 @dataclass
@@ -69,6 +70,7 @@ def _one(ws: websocket.WebSocket, prompt: str, max_new_tokens: int) -> Sample:
                 sample.done = now
                 sample.completion_tokens = frame["usage"]["completion_tokens"]
                 sample.finish_reason = frame["finish_reason"]
+                sample.engine_first_token_ms = frame.get("timing", {}).get("engine_first_token_ms")
                 return sample
             elif frame["type"] == "error":
                 sample.error = frame["code"]
@@ -147,11 +149,14 @@ def summarize(run: Run) -> dict:
     done = [s for s in run.samples if s.done is not None and s.error is None]
     ttft = [s.token_times[0] - s.sent for s in done if s.token_times]
     itl = [b - a for s in done for a, b in zip(s.token_times, s.token_times[1:])]
+    # The stack's share of TTFT, per request: what the client waited beyond the engine's own first token.
+    overhead = [s.token_times[0] - s.sent - s.engine_first_token_ms / 1000 for s in done
+                if s.token_times and s.engine_first_token_ms is not None]
     tokens = sum(s.completion_tokens for s in done)
     return {
         "label": run.label, "offered": run.offered, "requests": len(run.samples),
         "accepted": sum(s.accepted for s in run.samples), "completed": len(done),
         "errors": sum(1 for s in run.samples if s.error is not None),
-        "ttft_ms": _pct(ttft), "itl_ms": _pct(itl), "output_tokens": tokens,
+        "ttft_ms": _pct(ttft), "itl_ms": _pct(itl), "ttft_stack_overhead_ms": _pct(overhead), "output_tokens": tokens,
         "wall_s": round(run.wall_s, 2), "tokens_per_s": round(tokens / run.wall_s, 1) if run.wall_s else 0.0,
     }

@@ -133,17 +133,19 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       dropout=dropout, **kwargs)
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
-    out = torch.empty_like(query)
-    for start, stop, span, mask in ragged_groups:
+    out = query.new_empty(rows, heads, dim)
+    for start, stop, span, bias in ragged_groups:
         # Slices of the cache, never copies: a row's operands keep the same layout in any batch.
-        q = query[start:stop].reshape(stop - start, kv_heads, heads // kv_heads, dim)
-        k = key[start:stop, :, :span]
-        v = value[start:stop, :, :span]
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out[start:stop] = torch.matmul(probs, v).view(stop - start, heads, 1, dim)
-    return out.transpose(1, 2).contiguous(), None
+        n = (stop - start) * kv_heads
+        q = query[start:stop].reshape(n, group, dim)
+        k = key[start:stop, :, :span].reshape(n, span, dim)
+        v = value[start:stop, :, :span].reshape(n, span, dim)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # bias: 0 to attend, -inf beyond the row
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        torch.bmm(probs, v, out=out[start:stop].view(n, group, dim))
+    return out.view(rows, 1, heads, dim), None
 
 
 AttentionInterface.register("ragged", ragged_attention)
@@ -308,6 +310,7 @@ class BatchingEngine:
         lm.model.set_attn_implementation("ragged")
         cfg = lm.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._kv_heads = cfg.num_key_value_heads
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
         with torch.inference_mode():
             self.min_rows = invariant_rows(lm.model, self.max_batch)
@@ -406,10 +409,14 @@ class BatchingEngine:
         span = spans[0]
         self.cache.for_decode(positions, span)
         mask = (torch.arange(span, device=dev)[None, :] <= positions[:, None])[:, None, None, :]
+        # Per row and key-value head, the additive mask ragged_attention takes.
+        bias = torch.zeros(mask.shape, dtype=lm.dtype, device=dev).masked_fill_(~mask, float("-inf"))
+        bias = bias.view(len(lengths), 1, span).repeat_interleave(self._kv_heads, dim=0)
         groups, start = [], 0
         for stop in range(1, len(spans) + 1):
             if stop == len(spans) or spans[stop] != spans[start]:
-                groups.append((start, stop, spans[start], mask[start:stop, ..., :spans[start]]))
+                kv = self._kv_heads
+                groups.append((start, stop, spans[start], bias[start * kv:stop * kv, :, :spans[start]]))
                 start = stop
         out = lm.model(input_ids=torch.tensor(last, device=dev)[:, None], position_ids=positions[:, None],
                        attention_mask=mask, past_key_values=self.cache, use_cache=True, ragged_groups=groups)

@@ -69,9 +69,12 @@ class RequestHandler:
         gen = GenerationParams(max_new_tokens=max(1, max_new - len(prefix_ids)),
                                temperature=float(req.params.get("temperature") or 0.0))
         cancelled = self.cancels.watch(request_id)
+        first_token_ms = None
         try:
             result = self.engine.generate(prompt_ids + prefix_ids, gen, on_text, cancelled)
             finish, completion = result.finish_reason, len(prefix_ids) + result.completion_tokens
+            if result.first_token_s is not None:
+                first_token_ms = 1000 * result.first_token_s
         except Exception:
             logger.exception("Generation failed for request %s", request_id)
             finish, completion = "error", len(prefix_ids)
@@ -80,6 +83,6 @@ class RequestHandler:
 
         message_id = self.store.store_reply(request_id, req.conversation_id, "".join(pieces), finish,
                                             len(prompt_ids), completion)
-        self.relay.send(request_id, done_frame(request_id, message_id, finish, len(prompt_ids), completion),
-                        wait=True)
+        self.relay.send(request_id, done_frame(request_id, message_id, finish, len(prompt_ids), completion,
+                                               first_token_ms), wait=True)
         return finish

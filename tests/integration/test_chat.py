@@ -35,6 +35,7 @@ def test_reply_streams_and_is_stored_once(stack, client):
     assert (message_id, status, finish_reason) == (done["message_id"], "complete", "stop")
     assert done["usage"]["completion_tokens"] == completion_tokens > 0
     assert done["usage"]["prompt_tokens"] > 0
+    assert 0 < done["timing"]["engine_first_token_ms"] < 60_000
 
 
 def test_length_limit_and_follow_up_turn_uses_history(stack, client):

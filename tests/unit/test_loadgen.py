@@ -7,9 +7,9 @@ from scripts.loadgen import Run, Sample, summarize
 
 def test_summary_counts_latencies_and_throughput():
     ok = Sample(sent=0.0, token_times=[0.1, 0.15, 0.25], done=0.3, completion_tokens=3, finish_reason="stop",
-                accepted=True)
+                accepted=True, engine_first_token_ms=90.0)
     ok2 = Sample(sent=1.0, token_times=[1.2, 1.25], done=1.3, completion_tokens=2, finish_reason="length",
-                 accepted=True)
+                 accepted=True, engine_first_token_ms=170.0)
     failed = Sample(sent=2.0, error="unavailable")
     summary = summarize(Run("x", "C=2", [ok, ok2, failed], wall_s=2.5))
     assert (summary["requests"], summary["accepted"], summary["completed"], summary["errors"]) == (3, 2, 2, 1)
@@ -17,6 +17,7 @@ def test_summary_counts_latencies_and_throughput():
     assert summary["ttft_ms"]["p50"] == 150.0  # first tokens after 100 and 200 ms
     assert summary["itl_ms"]["p50"] == 50.0  # gaps of 50, 100 and 50 ms
     assert summary["itl_ms"]["p99"] <= 100.0
+    assert summary["ttft_stack_overhead_ms"]["p50"] == 20.0  # 10 and 30 ms beyond the engine's first token
 
 
 def test_empty_run_has_no_percentiles():

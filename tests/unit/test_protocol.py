@@ -91,3 +91,4 @@ def test_server_frames_follow_the_contract():
     assert done_frame("r", "m", "stop", 3, 4) == {"type": "done", "request_id": "r", "message_id": "m",
                                                   "finish_reason": "stop",
                                                   "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    assert done_frame("r", "m", "stop", 3, 4, 12.345)["timing"] == {"engine_first_token_ms": 12.3}  # optional extra
