@@ -178,7 +178,6 @@ def ratios(out: dict) -> dict:
         "lone_itl_generate_ms": round(out["generate_alone"]["itl_ms"], 1),
         "raw_step1_ms": round(g["raw_step1_ms"], 1),
         "lone_itl_stack_over_raw_step1": round(lone_itl / g["raw_step1_ms"], 2),
-        "lone_itl_stack_over_generate": round(lone_itl / out["generate_alone"]["itl_ms"], 2),
         "ttft_stack_minus_engine_ms": out["stack"]["c1"]["ttft_stack_overhead_ms"]["p50"],
         "two_workers_over_one_1t": round(out["two_1t"]["tokens_per_s"] / out["one_1t"]["tokens_per_s"], 2),
         "gauge_drift_raw16": round(out["gauge_after"]["raw_tps16"] / g["raw_tps16"], 2),

@@ -72,7 +72,7 @@ def loader(threads: int):
 
 
 def gauge(threads: int) -> dict:
-    loaded = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)  # this thread runs the steps
+    loaded = loader(threads)()  # loaded on this thread, which runs the steps
     raw_step(loaded, 1, steps=8)  # warm-up
     # The best of three medians: the most this machine gives, through its noise.
     step1 = min(raw_step(loaded, 1) for _ in range(3))

@@ -373,8 +373,8 @@ class BatchingEngine:
         """Positions a row attends over once its next token is in: its length rounded up to a bucket."""
         return min(-(-(length + 1) // SPAN_BUCKET) * SPAN_BUCKET, self.max_tokens)
 
-    def _order_rows(self) -> None:
-        """Keep rows in decreasing order of span, so that each span bucket is one range of rows.
+    def _order_rows(self) -> list[int]:
+        """Keep rows in decreasing order of span, so that each span bucket is one range of rows; their spans.
 
         A row that outgrows its bucket swaps places with the first row of a
         smaller span: two rows of the cache copied, once per bucket crossed.
@@ -390,11 +390,12 @@ class BatchingEngine:
             for rows in (self._active, self._lengths, self._last, spans):
                 rows[i], rows[j] = rows[j], rows[i]
             i = max(j, 1)
+        return spans
 
     def _step(self) -> None:
         lm = self.loaded
         dev = lm.device
-        self._order_rows()
+        spans = self._order_rows()
         lengths, last = self._lengths, self._last
         if len(lengths) < self.min_rows:
             # Matrix products over few rows may take another kernel and round
@@ -403,19 +404,18 @@ class BatchingEngine:
             # from the same request in a batch. Throw-away copies of row 0 in free
             # slots keep every step at the measured minimum.
             pad = self.min_rows - len(lengths)
-            lengths, last = lengths + lengths[:1] * pad, last + last[:1] * pad
+            lengths, last, spans = lengths + lengths[:1] * pad, last + last[:1] * pad, spans + spans[:1] * pad
         positions = torch.tensor(lengths, device=dev)
-        spans = [self._span(n) for n in lengths]
         span = spans[0]
         self.cache.for_decode(positions, span)
         mask = (torch.arange(span, device=dev)[None, :] <= positions[:, None])[:, None, None, :]
         # Per row and key-value head, the additive mask ragged_attention takes.
         bias = torch.zeros(mask.shape, dtype=lm.dtype, device=dev).masked_fill_(~mask, float("-inf"))
-        bias = bias.view(len(lengths), 1, span).repeat_interleave(self._kv_heads, dim=0)
+        kv = self._kv_heads
+        bias = bias.view(len(lengths), 1, span).repeat_interleave(kv, dim=0)
         groups, start = [], 0
         for stop in range(1, len(spans) + 1):
             if stop == len(spans) or spans[stop] != spans[start]:
-                kv = self._kv_heads
                 groups.append((start, stop, spans[start], bias[start * kv:stop * kv, :, :spans[start]]))
                 start = stop
         out = lm.model(input_ids=torch.tensor(last, device=dev)[:, None], position_ids=positions[:, None],

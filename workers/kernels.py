@@ -16,12 +16,8 @@ machine at hand rather than assuming it.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 class PackedLinear(nn.Module):

@@ -46,8 +46,10 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     assert result.text == "The capital of France is Paris."
     assert result.finish_reason == "stop"
     generate = GenerateEngine(loaded).start()
-    baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
-    generate.stop()
+    try:
+        baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
+    finally:
+        generate.stop()
     assert baseline.text == result.text and baseline.completion_tokens == result.completion_tokens
 
 

@@ -55,6 +55,6 @@ def test_invariant_rows_finds_where_rounding_stops_changing():
     assert invariant_rows(nn.Sequential(RowByRow(8, 8), RoundsOffBelowThreeRows(8, 4)), 8) == 3
 
 
-def test_a_model_off_the_cpu_or_without_linears_is_left_alone():
+def test_a_model_without_linear_layers_is_left_alone():
     model = nn.Sequential(nn.ReLU(), nn.Embedding(10, 4))
     assert pack_linears(model, 16) == "0 linear layers prepacked for oneDNN"
