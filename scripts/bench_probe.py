@@ -31,6 +31,13 @@ def prompts(loaded) -> list[list[int]]:
     return [build_prompt_ids(loaded.tokenizer, SYSTEM, [{"role": "user", "content": p}], 1000) for p in PROMPTS]
 
 
+def _synced(device: torch.device) -> float:
+    """perf_counter once the device has done its queued work (a GPU runs ahead of the host)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def raw_step(loaded, batch: int, prompt_len: int = 40, steps: int = 48) -> float:
     """Median seconds of one bare decode step (model forward with a KV cache, greedy), no stack."""
     model = loaded.model
@@ -41,10 +48,10 @@ def raw_step(loaded, batch: int, prompt_len: int = 40, steps: int = 48) -> float
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         times = []
         for _ in range(steps):
-            t = time.perf_counter()
+            t = _synced(loaded.device)
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t)
+            times.append(_synced(loaded.device) - t)
     return statistics.median(times)
 
 
@@ -78,6 +85,7 @@ def gauge(threads: int) -> dict:
     step1 = min(raw_step(loaded, 1) for _ in range(3))
     step16 = min(raw_step(loaded, 16) for _ in range(3))
     return {
+        "device": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
         "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,

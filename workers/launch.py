@@ -26,6 +26,8 @@ from config.settings import ROOT, Settings
 logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 2.0
+MAX_RESTART_DELAY_S = 60.0
+STABLE_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,17 @@ def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int) -> l
                                       "CHAT_TORCH_THREADS": str(threads)}) for i in range(cpu_workers)]
 
 
+def worker_env(spec: WorkerSpec, environ: dict[str, str]) -> dict[str, str]:
+    """The child's environment: the launcher's, the spec's pinning, and the project ahead of any PYTHONPATH."""
+    path = environ.get("PYTHONPATH")
+    return {**environ, **spec.env, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def restart_delay(quick_failures: int) -> float:
+    """Seconds before restarting a worker that died ``quick_failures`` times in a row soon after start."""
+    return min(RESTART_DELAY_S * 2 ** max(quick_failures - 1, 0), MAX_RESTART_DELAY_S)
+
+
 def worker_argv(spec: WorkerSpec, settings: Settings) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-n", spec.name,
             "-Q", settings.queue, "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
@@ -70,14 +83,18 @@ class Launcher:
         self.settings = settings
         self.specs = specs
         self.children: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, float] = {}
+        self.quick_failures: dict[str, int] = {}
+        self.restart_at: dict[str, float] = {}
         self.stopping = False
 
     def _spawn(self, spec: WorkerSpec) -> None:
-        env = {**os.environ, **spec.env, "PYTHONPATH": str(ROOT)}
+        env = worker_env(spec, dict(os.environ))
         # Each child leads its own process group: a terminal's Ctrl-C reaches only
         # the launcher, which then stops the children in order.
         self.children[spec.name] = subprocess.Popen(worker_argv(spec, self.settings), env=env, cwd=ROOT,
                                                     start_new_session=True)
+        self.started[spec.name] = time.monotonic()
         logger.info("Started worker %s (pid %d) with %s", spec.name, self.children[spec.name].pid,
                     " ".join(f"{k}={v}" for k, v in spec.env.items()))
 
@@ -87,14 +104,21 @@ class Launcher:
         for spec in self.specs:
             self._spawn(spec)
         while not self.stopping:
+            now = time.monotonic()
             for spec in self.specs:
-                proc = self.children[spec.name]
-                if proc.poll() is not None and not self.stopping:
-                    logger.error("Worker %s exited with %s; restarting in %.0fs", spec.name, proc.returncode,
-                                 RESTART_DELAY_S)
-                    time.sleep(RESTART_DELAY_S)
-                    if not self.stopping:
+                name, proc = spec.name, self.children[spec.name]
+                if name in self.restart_at:
+                    if now >= self.restart_at[name]:
+                        del self.restart_at[name]
                         self._spawn(spec)
+                elif proc.poll() is not None:
+                    # A worker that keeps dying at start (a bad setting, a broken install)
+                    # is retried ever more slowly rather than in a tight loop.
+                    quick = now - self.started[name] < STABLE_AFTER_S
+                    self.quick_failures[name] = self.quick_failures.get(name, 0) + 1 if quick else 1
+                    delay = restart_delay(self.quick_failures[name])
+                    logger.error("Worker %s exited with %s; restarting in %.0fs", name, proc.returncode, delay)
+                    self.restart_at[name] = now + delay
             time.sleep(0.5)
         for name, proc in self.children.items():
             if proc.poll() is None:

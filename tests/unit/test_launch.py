@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import stat
 
-from config.settings import Settings
-from workers.launch import plan, visible_gpus, worker_argv
+from config.settings import ROOT, Settings
+from workers.launch import plan, restart_delay, visible_gpus, worker_argv, worker_env
 
 
 def test_one_worker_per_gpu_pinned_and_named_after_it():
@@ -44,3 +44,16 @@ def test_workers_listen_on_their_models_queue():
 def test_cuda_visible_devices_feeds_the_gpus_setting(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
     assert Settings().gpus == "1,2"
+
+
+def test_a_child_keeps_the_launchers_environment_and_python_path():
+    spec = plan(["1"], 1, 0, 1)[0]
+    env = worker_env(spec, {"PYTHONPATH": "/opt/site", "CHAT_REDIS_URL": "redis://h:1/0", "CUDA_VISIBLE_DEVICES": "0,1"})
+    assert env["PYTHONPATH"] == f"{ROOT}:/opt/site"  # the project first, then what the launcher was given
+    assert env["CHAT_REDIS_URL"] == "redis://h:1/0"
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CHAT_DEVICE"] == "cuda:0"
+    assert worker_env(spec, {})["PYTHONPATH"] == str(ROOT)
+
+
+def test_a_worker_that_keeps_dying_at_start_is_retried_ever_more_slowly():
+    assert [restart_delay(n) for n in range(1, 8)] == [2, 4, 8, 16, 32, 60, 60]
