@@ -22,17 +22,23 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Select,
+    and_,
+    bindparam,
     create_engine,
     delete,
     func,
+    literal,
+    or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.sql import Delete, Insert, Update
+from sqlalchemy.sql import Delete, Executable, Insert, Update
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -165,36 +171,28 @@ class Store:
 
     def accept_chat(self, owner: str, content: str, conversation_id: str | None, client_id: str | None,
                     params: dict) -> Accepted:
-        """Store the user message (and its conversation when new) on the primary."""
-        if client_id is not None:
-            earlier = self._request_by_client_id(owner, client_id)
-            if earlier is not None:
-                return earlier
+        """Store the user message (and its conversation when new) on the primary, in one statement."""
+        request_id, message_id = new_id(), new_id()
+        stmt = _ACCEPT_IN_NEW if conversation_id is None else _ACCEPT_IN_EXISTING
         try:
-            with self.session(primary=True) as s:
-                if conversation_id is None:
-                    conv = Conversation(id=new_id(), owner=owner, title=_title(content))
-                    s.add(conv)
-                    s.flush()
-                else:
-                    conv = s.scalars(select(Conversation).where(Conversation.id == conversation_id,
-                                                                Conversation.owner == owner).with_for_update()).first()
-                    if conv is None:
-                        raise NotFound(conversation_id)
-                    conv.updated_at = func.now()
-                req = ChatRequest(id=new_id(), owner=owner, client_id=client_id, conversation_id=conv.id,
-                                  user_message_id=new_id(), params=params)
-                s.add(req)
-                s.add(Message(id=req.user_message_id, conversation_id=conv.id, request_id=req.id, role="user",
-                              content=content, status="complete"))
-                s.flush()
-                return Accepted(req.id, conv.id, req.user_message_id, created=True)
+            # Bind names unlike any column's: an UPDATE would take a column-named parameter as a SET value.
+            rows = self._on_primary(stmt, new_conversation_id=conversation_id or new_id(), new_owner=owner,
+                                    new_title=_title(content), new_request_id=request_id, new_client_id=client_id,
+                                    new_message_id=message_id, new_params=params, new_content=content)
         except IntegrityError:
-            # Two sockets raced with the same client_id: the other one won.
+            # The client_id repeats an earlier request (a retry, or two sockets racing).
             earlier = self._request_by_client_id(owner, client_id) if client_id else None
             if earlier is None:
                 raise
             return earlier
+        if not rows:
+            raise NotFound(conversation_id)
+        return Accepted(request_id, rows[0][0], message_id, created=True)
+
+    def _on_primary(self, stmt: Executable, **params) -> list[Row]:
+        """One statement on the primary, committed on its own: no BEGIN and COMMIT round trips."""
+        with self.primary.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return conn.execute(stmt, params).all()
 
     def forget_request(self, request_id: str, drop_conversation: bool) -> None:
         """Undo :meth:`accept_chat` when the task could not be enqueued."""
@@ -249,21 +247,15 @@ class Store:
     # --- the worker -----------------------------------------------------------
 
     def prompt_request(self, request_id: str) -> PromptRequest | None:
-        """The request, its history and any reply already stored, from the primary so the new message is there."""
-        with self.session(primary=True) as s:
-            req = s.get(ChatRequest, request_id)
-            if req is None:
-                return None
-            user_msg = s.get(Message, req.user_message_id)
-            rows = s.execute(select(Message.role, Message.content).where(
-                Message.conversation_id == req.conversation_id,
-                Message.created_at <= user_msg.created_at,
-                Message.status != "failed",
-            ).order_by(Message.created_at, Message.role.desc())).all()
-            history = [{"role": r.role, "content": r.content} for r in rows]
-            reply = s.scalars(select(Message).where(Message.request_id == request_id,
-                                                    Message.role == "assistant")).first()
-            return PromptRequest(req.id, req.conversation_id, dict(req.params), history, reply)
+        """The request, its history and any reply already stored, in one query on the primary (the new message is there)."""
+        rows = self._on_primary(_PROMPT_REQUEST, request_id=request_id)
+        if not rows:
+            return None
+        history = [{"role": r.role, "content": r.content} for r in rows if not r.is_reply]
+        reply = next((Message(id=r.id, role=r.role, content=r.content, finish_reason=r.finish_reason,
+                              prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+                      for r in rows if r.is_reply), None)
+        return PromptRequest(request_id, rows[0].conversation_id, dict(rows[0].params), history, reply)
 
     def store_reply(self, request_id: str, conversation_id: str, content: str, finish_reason: str,
                     prompt_tokens: int, completion_tokens: int) -> str | None:
@@ -283,6 +275,49 @@ class Store:
             s.execute(Conversation.__table__.update().where(Conversation.id == conversation_id)
                       .values(updated_at=func.now()))
             return s.scalar(select(Message.id).where(Message.request_id == request_id, Message.role == "assistant"))
+
+
+def _accept_statement(conversation) -> Select:
+    """Insert a chat request and its user message into ``conversation`` (a CTE returning its id).
+
+    Data-modifying CTEs beside the conversation's insert or update: all three
+    rows are stored together or not at all, in one round trip; no row at all
+    when the conversation is not the owner's.
+    """
+    req = insert(ChatRequest).from_select(
+        ["id", "owner", "client_id", "conversation_id", "user_message_id", "params"],
+        select(bindparam("new_request_id", type_=String), bindparam("new_owner", type_=String),
+               bindparam("new_client_id", type_=String), conversation.c.id, bindparam("new_message_id", type_=String),
+               bindparam("new_params", type_=JSON))).cte("req")
+    msg = insert(Message).from_select(
+        ["id", "conversation_id", "request_id", "role", "content", "status"],
+        select(bindparam("new_message_id", type_=String), conversation.c.id, bindparam("new_request_id", type_=String),
+               literal("user"), bindparam("new_content", type_=Text), literal("complete"))).cte("msg")
+    return select(conversation.c.id).add_cte(req, msg)
+
+
+_ACCEPT_IN_NEW = _accept_statement(
+    insert(Conversation).values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
+    .returning(Conversation.id).cte("conv"))
+_ACCEPT_IN_EXISTING = _accept_statement(
+    update(Conversation).where(Conversation.id == bindparam("new_conversation_id"), Conversation.owner == bindparam("new_owner"))
+    .values(updated_at=func.now()).returning(Conversation.id).cte("conv"))
+
+
+def _prompt_request_statement() -> Select:
+    """A request's conversation up to its user message (failed replies left out), and its own reply if stored."""
+    requests, asked, m = ChatRequest.__table__, Message.__table__.alias("asked"), Message.__table__.alias("m")
+    is_reply = and_(m.c.request_id == requests.c.id, m.c.role == "assistant")
+    return (select(requests.c.conversation_id, requests.c.params, m.c.id, m.c.role, m.c.content, m.c.finish_reason,
+                   m.c.prompt_tokens, m.c.completion_tokens, is_reply.label("is_reply"))
+            .join(asked, asked.c.id == requests.c.user_message_id)
+            .join(m, and_(m.c.conversation_id == requests.c.conversation_id,
+                          or_(and_(m.c.created_at <= asked.c.created_at, m.c.status != "failed"), is_reply)))
+            .where(requests.c.id == bindparam("request_id"))
+            .order_by(m.c.created_at, m.c.role.desc()))
+
+
+_PROMPT_REQUEST = _prompt_request_statement()
 
 
 def _title(content: str) -> str:

@@ -106,8 +106,9 @@ class Connection:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such conversation") from None
         if accepted.created:
             try:
-                depth = self.svc.queue.depth()
                 self.svc.queue.enqueue(accepted.request_id)
+                # Counted after the push, which is what a worker waits for: the others on the queue.
+                depth = max(self.svc.queue.depth() - 1, 0)
             except (QueueUnavailable, redis.RedisError) as exc:
                 logger.error("Could not enqueue request %s: %s", accepted.request_id, exc)
                 self.svc.store.forget_request(accepted.request_id, drop_conversation=frame.conversation_id is None)

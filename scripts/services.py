@@ -231,6 +231,12 @@ class PostgresPair:
         with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="chat",
                              autocommit=True) as conn:
             lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+            # With synchronous_commit off, and for WAL written outside any commit (page
+            # pruning during a read, say), records can wait in the primary's buffers
+            # until more WAL comes. A synchronous commit flushes everything up to it.
+            conn.execute("SET synchronous_commit = on")
+            with conn.transaction():
+                conn.execute("SELECT pg_current_xact_id()")
 
         def replayed() -> bool:
             with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat") as conn:

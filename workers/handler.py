@@ -13,6 +13,8 @@ from workers.relay import CancelWatcher, TokenRelay
 
 logger = logging.getLogger(__name__)
 
+FIRST_TOKEN_WAIT_S = 0.05  # at most this long: Redis away must not stall the engine
+
 
 class RequestHandler:
     """Turns a request id into a streamed and stored assistant reply.
@@ -60,9 +62,13 @@ class RequestHandler:
         prompt_ids = build_prompt_ids(self.tokenizer, self.system_prompt, req.history, room)
         pieces = [prefix] if prefix else []
 
-        def on_text(text: str) -> None:  # runs on the engine thread: queue, never wait
+        def on_text(text: str) -> None:  # runs on the engine thread: queue, never wait long
             nonlocal seq
-            self.relay.send(request_id, token_frame(request_id, seq, text))
+            # The first token waits (briefly) until it is in Redis: the engine's next
+            # step would otherwise hold the cores while the relay thread waits its turn,
+            # adding milliseconds to the time to first token. Later tokens just queue.
+            self.relay.send(request_id, token_frame(request_id, seq, text), wait=seq == 0,
+                            timeout=FIRST_TOKEN_WAIT_S)
             pieces.append(text)
             seq += 1
 

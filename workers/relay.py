@@ -32,12 +32,12 @@ class TokenRelay:
         self._thread = threading.Thread(target=self._run, name="token-relay", daemon=True)
         self._thread.start()
 
-    def send(self, request_id: str, frame: dict, wait: bool = False) -> None:
-        """Queue a frame; with ``wait``, return once it (and all before it) is in Redis."""
+    def send(self, request_id: str, frame: dict, wait: bool = False, timeout: float | None = None) -> None:
+        """Queue a frame; with ``wait``, return once it (and all before it) is in Redis, or after ``timeout`` s."""
         written = threading.Event() if wait else None
         self._queue.put((request_id, json.dumps(frame, ensure_ascii=False), written))
         if written is not None:
-            written.wait()
+            written.wait(timeout)
 
     def _run(self) -> None:
         while True:

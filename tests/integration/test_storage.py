@@ -1,0 +1,85 @@
+"""The store's single-statement accept and prompt read, on the real PostgreSQL primary."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.storage import NotFound, Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def store(stack):
+    s = Store(stack.settings.resolved_database_url, stack.settings.resolved_replica_url, pool_size=2)
+    yield s
+    s.primary.dispose()
+    s.replica.dispose()
+
+
+def rows_of(stack, conversation_id: str) -> tuple[int, int, int]:
+    with stack.primary() as conn:
+        return conn.execute(
+            "SELECT (SELECT count(*) FROM conversations WHERE id = %(c)s),"
+            " (SELECT count(*) FROM chat_requests WHERE conversation_id = %(c)s),"
+            " (SELECT count(*) FROM messages WHERE conversation_id = %(c)s)", {"c": conversation_id}).fetchone()
+
+
+def test_accept_stores_conversation_request_and_message_together(stack, store):
+    first = store.accept_chat("owner-a", "Hello there", None, None, {"max_new_tokens": 8, "temperature": 0.0})
+    assert first.created and rows_of(stack, first.conversation_id) == (1, 1, 1)
+    req = store.prompt_request(first.request_id)
+    assert req.conversation_id == first.conversation_id
+    assert req.params == {"max_new_tokens": 8, "temperature": 0.0}
+    assert req.history == [{"role": "user", "content": "Hello there"}] and req.reply is None
+    with stack.primary() as conn:
+        title, owner = conn.execute("SELECT title, owner FROM conversations WHERE id = %s",
+                                    (first.conversation_id,)).fetchone()
+        role, status, request_id = conn.execute("SELECT role, status, request_id FROM messages WHERE id = %s",
+                                                (first.user_message_id,)).fetchone()
+    assert (title, owner, role, status, request_id) == ("Hello there", "owner-a", "user", "complete", first.request_id)
+
+
+def test_prompt_has_the_turns_before_it_and_a_stored_reply(stack, store):
+    first = store.accept_chat("owner-b", "One", None, None, {})
+    store.store_reply(first.request_id, first.conversation_id, "Reply one", "stop", 5, 2)
+    second = store.accept_chat("owner-b", "Two", first.conversation_id, None, {})
+    failed = store.accept_chat("owner-b", "Three", first.conversation_id, None, {})
+    store.store_reply(failed.request_id, first.conversation_id, "", "error", 9, 0)
+    fourth = store.accept_chat("owner-b", "Four", first.conversation_id, None, {})
+
+    req = store.prompt_request(second.request_id)
+    assert req.history == [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Reply one"},
+                           {"role": "user", "content": "Two"}]
+    assert req.reply is None
+    # A redelivered request finds its stored reply; its history still ends at its own message.
+    again = store.prompt_request(first.request_id)
+    assert again.history == [{"role": "user", "content": "One"}]
+    assert (again.reply.content, again.reply.finish_reason, again.reply.prompt_tokens,
+            again.reply.completion_tokens) == ("Reply one", "stop", 5, 2)
+    # A failed reply stays out of later prompts.
+    assert [m["content"] for m in store.prompt_request(fourth.request_id).history] == [
+        "One", "Reply one", "Two", "Three", "Four"]
+    assert store.prompt_request("no-such-request") is None
+
+
+def test_another_owners_conversation_is_not_found_and_nothing_is_written(stack, store):
+    theirs = store.accept_chat("owner-c", "Mine", None, None, {})
+    with pytest.raises(NotFound):
+        store.accept_chat("owner-d", "Intruding", theirs.conversation_id, None, {})
+    with pytest.raises(NotFound):
+        store.accept_chat("owner-d", "Nowhere", "no-such-conversation", None, {})
+    assert rows_of(stack, theirs.conversation_id) == (1, 1, 1)
+
+
+def test_a_repeated_client_id_returns_the_first_request_and_writes_nothing(stack, store):
+    first = store.accept_chat("owner-e", "Once", None, "key-7", {})
+    again = store.accept_chat("owner-e", "Once", None, "key-7", {})
+    assert (again.request_id, again.conversation_id, again.user_message_id) == (
+        first.request_id, first.conversation_id, first.user_message_id)
+    assert not again.created
+    with stack.primary() as conn:
+        assert conn.execute("SELECT count(*) FROM conversations WHERE owner = 'owner-e'").fetchone()[0] == 1
+    # The same key from another caller is theirs alone.
+    other = store.accept_chat("owner-f", "Once", None, "key-7", {})
+    assert other.created and other.request_id != first.request_id
