@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,8 +120,13 @@ class Bench:
         logger.info("CPU %s, bfloat16 flags %s: dtype %s (%s)", out["gauge_before"]["cpu_capability"],
                     out["gauge_before"]["cpu_bf16_flags"], out["gauge_before"]["dtype"],
                     out["gauge_before"]["dtype_reason"])
-        out["generate_alone"] = probe("generate", 0)
-        out["engine_alone"] = probe("engine", 0)
+        # Alternated, twice: the machine's speed drifts between probes, a pair is taken close together.
+        out["lone_itl_pairs_ms"] = []
+        for i in range(2):
+            generate, engine = probe("generate", 0), probe("engine", 0)
+            out["lone_itl_pairs_ms"].append([round(engine["lone"]["itl_ms"], 2), round(generate["itl_ms"], 2)])
+            if i == 0:
+                out["generate_alone"], out["engine_alone"] = generate, engine
         self.start()
         try:
             w = self.workers("batching, 1 worker", 1)
@@ -161,7 +167,8 @@ class Bench:
 
 def ratios(out: dict) -> dict:
     g = out["gauge_before"]
-    s16 = out["stack"]["c16"]["tokens_per_s"]
+    # While all 16 chats are in flight: the ramp-up and the drain at the ends are not 16 chats.
+    s16 = out["stack"]["c16"]["saturated_tokens_per_s"] or out["stack"]["c16"]["tokens_per_s"]
     lone_itl = out["stack"]["c1"]["itl_ms"]["p50"]
     # The machine drifts during a run: the gauge is taken before and after, and the stack set against their mean.
     raw16 = (g["raw_tps16"] + out["gauge_after"]["raw_tps16"]) / 2
@@ -169,13 +176,14 @@ def ratios(out: dict) -> dict:
         "raw16_mean_tps": round(raw16, 1),
         "stack_c16_over_raw16": round(s16 / raw16, 2),
         "engine_alone16_over_raw16": round(out["engine_alone"]["batch16_tps"] / raw16, 2),
-        "lone_itl_engine_over_generate_alone": round(out["engine_alone"]["lone"]["itl_ms"]
-                                                     / out["generate_alone"]["itl_ms"], 2),
+        "lone_itl_engine_over_generate_alone": round(statistics.mean(e / g for e, g in out["lone_itl_pairs_ms"]), 2),
         "lone_itl_stack_over_baseline_stack": round(lone_itl / out["baseline"]["c1"]["itl_ms"]["p50"], 2),
-        "stack_c16_over_baseline_c16": round(s16 / out["baseline"]["c16"]["tokens_per_s"], 2),
+        "stack_c16_over_baseline_c16": round(s16 / (out["baseline"]["c16"]["saturated_tokens_per_s"]
+                                                    or out["baseline"]["c16"]["tokens_per_s"]), 2),
+        "stack_c16_whole_run_over_raw16": round(out["stack"]["c16"]["tokens_per_s"] / raw16, 2),
         "lone_itl_stack_ms": lone_itl,
-        "lone_itl_engine_ms": round(out["engine_alone"]["lone"]["itl_ms"], 1),
-        "lone_itl_generate_ms": round(out["generate_alone"]["itl_ms"], 1),
+        "lone_itl_engine_ms": round(statistics.mean(e for e, _ in out["lone_itl_pairs_ms"]), 1),
+        "lone_itl_generate_ms": round(statistics.mean(g for _, g in out["lone_itl_pairs_ms"]), 1),
         "raw_step1_ms": round(g["raw_step1_ms"], 1),
         "lone_itl_stack_over_raw_step1": round(lone_itl / g["raw_step1_ms"], 2),
         "ttft_stack_minus_engine_ms": out["stack"]["c1"]["ttft_stack_overhead_ms"]["p50"],
@@ -233,13 +241,14 @@ def markdown(out: dict) -> str:
         f"tok/s at 16 (drift {r['gauge_drift_raw16']}x)", "",
         "## Targets", "",
         "| figure | measured | target | met |", "| --- | --- | --- | --- |",
-        f"| stack at 16 chats / raw gauge at batch 16 (mean of before and after, {r['raw16_mean_tps']} tok/s) | "
-        f"{r['stack_c16_over_raw16']}x (engine alone, 16 requests: {r['engine_alone16_over_raw16']}x) | ≥ 0.8x | "
+        f"| stack at 16 chats, while all 16 are in flight / raw gauge at batch 16 (mean of before and after, "
+        f"{r['raw16_mean_tps']} tok/s) | {r['stack_c16_over_raw16']}x (whole run with ramp-up and drain: "
+        f"{r['stack_c16_whole_run_over_raw16']}x; engine alone, 16 requests: {r['engine_alone16_over_raw16']}x) | ≥ 0.8x | "
         f"{_yes(r['stack_c16_over_raw16'] >= 0.8)} |",
         f"| stack at 16 chats / generate() baseline at 16 chats | {r['stack_c16_over_baseline_c16']}x | ≥ 8x "
         f"(native bfloat16) | "
         f"{_yes(r['stack_c16_over_baseline_c16'] >= 8) if g['cpu_bf16_flags'] else 'n/a: no native bfloat16'} |",
-        f"| lone request ITL p50, engine alone ({r['lone_itl_engine_ms']} ms) / generate() alone "
+        f"| lone request ITL p50, engine alone ({r['lone_itl_engine_ms']} ms) / generate() alone, two alternated pairs "
         f"({r['lone_itl_generate_ms']} ms), no stack | {r['lone_itl_engine_over_generate_alone']}x | ≤ 1x | "
         f"{_yes(r['lone_itl_engine_over_generate_alone'] <= 1)} |",
         f"| lone request ITL p50 through the stack, batching worker ({r['lone_itl_stack_ms']} ms) / generate() "

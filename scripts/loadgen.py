@@ -43,6 +43,7 @@ class Run:
     offered: str
     samples: list[Sample]
     wall_s: float
+    concurrency: int | None = None  # closed loop: chats at once
 
 
 def _cookie(base_url: str) -> str:
@@ -107,7 +108,7 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
         t.start()
     for t in threads:
         t.join(900)
-    return Run(label, f"C={concurrency}", samples, time.perf_counter() - started)
+    return Run(label, f"C={concurrency}", samples, time.perf_counter() - started, concurrency)
 
 
 def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:
@@ -144,6 +145,26 @@ def _pct(values: list[float]) -> dict:
     return {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in (50, 95, 99)}
 
 
+def saturated_tokens_per_s(run: Run) -> float | None:
+    """Output tokens/s of a closed loop while all its chats had a request in flight: no ramp-up, no drain.
+
+    From the first token of the last chat to start until the first chat runs out
+    of requests; token frames counted in that window, scaled to tokens (a frame
+    may carry more than one token, and the end token carries none).
+    """
+    done = sorted((s for s in run.samples if s.token_times and s.done is not None and s.error is None),
+                  key=lambda s: s.sent)
+    if not run.concurrency or len(done) <= run.concurrency:
+        return None
+    start = max(s.token_times[0] for s in done[:run.concurrency])
+    end = min(s.done for s in done if s.done > done[-1].sent)
+    frames = sum(len(s.token_times) for s in done)
+    inside = sum(1 for s in done for t in s.token_times if start <= t <= end)
+    if end <= start or not frames:
+        return None
+    return inside * sum(s.completion_tokens for s in done) / frames / (end - start)
+
+
 def summarize(run: Run) -> dict:
     """Accepted, completed, errors; TTFT and inter-token latency percentiles (ms); output tokens/s."""
     done = [s for s in run.samples if s.done is not None and s.error is None]
@@ -159,4 +180,5 @@ def summarize(run: Run) -> dict:
         "errors": sum(1 for s in run.samples if s.error is not None),
         "ttft_ms": _pct(ttft), "itl_ms": _pct(itl), "ttft_stack_overhead_ms": _pct(overhead), "output_tokens": tokens,
         "wall_s": round(run.wall_s, 2), "tokens_per_s": round(tokens / run.wall_s, 1) if run.wall_s else 0.0,
+        "saturated_tokens_per_s": None if (sat := saturated_tokens_per_s(run)) is None else round(sat, 1),
     }

@@ -45,6 +45,7 @@ def _start(sender=None, **_):
     from workers.engine import BatchingEngine, GenerateEngine
     from workers.handler import RequestHandler
     from workers.model import load_model
+    from workers.prompt import shared_prefix_ids
     from workers.relay import CancelWatcher, TokenRelay
 
     def load():  # on the engine's own thread: the one that runs the model
@@ -52,7 +53,8 @@ def _start(sender=None, **_):
                           settings.max_batch if settings.prepack else 0)
 
     if settings.engine == "batching":
-        engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens).start()
+        engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
+                                shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt)).start()
     else:
         engine = GenerateEngine(load).start()
     loaded = engine.loaded

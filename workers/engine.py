@@ -43,8 +43,9 @@ from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-# A decoding row attends over its length rounded up to this many positions.
-SPAN_BUCKET = 128
+# A decoding row attends over its length rounded up to this many positions:
+# fewer wasted positions against more groups per step (64 measured best here).
+SPAN_BUCKET = 64
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,11 @@ class RaggedKVCache:
         self._positions: torch.Tensor | None = None
         self._span = 0
         self._prefill_slots: torch.Tensor | None = None
+        self._start = 0
 
-    def for_prefill(self, slots: torch.Tensor, width: int) -> None:
-        """Rows ``slots`` take new prompts of ``width`` tokens, written from position 0."""
-        self._prefill_slots, self._span = slots, width
+    def for_prefill(self, slots: torch.Tensor, width: int, start: int = 0) -> None:
+        """Rows ``slots`` take ``width`` new prompt tokens at positions ``start`` on (after a cached prefix)."""
+        self._prefill_slots, self._span, self._start = slots, width, start
 
     def for_decode(self, positions: torch.Tensor, span: int) -> None:
         """Rows 0..n-1 take part; row i's new token goes to ``positions[i]``."""
@@ -183,9 +185,12 @@ class RaggedKVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._prefill_slots is not None:
-            k[self._prefill_slots, :, :self._span] = key
-            v[self._prefill_slots, :, :self._span] = value
-            return key, value
+            start, stop = self._start, self._start + self._span
+            k[self._prefill_slots, :, start:stop] = key
+            v[self._prefill_slots, :, start:stop] = value
+            if start == 0:
+                return key, value
+            return k[self._prefill_slots, :, :stop], v[self._prefill_slots, :, :stop]
         k[self._rows, :, self._positions] = key[:, :, 0]
         v[self._rows, :, self._positions] = value[:, :, 0]
         n = len(self._rows)
@@ -223,8 +228,12 @@ class BatchingEngine:
     """
 
     def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
-                 prefill_tokens_per_step: int = 512):
+                 prefill_tokens_per_step: int = 512, shared_prefix: Callable[[object], list[int]] | None = None):
         self._model_source = model
+        # The tokens every prompt starts with (the system prompt, templated), given
+        # the tokenizer: their keys and values are computed once and copied in.
+        self._shared_prefix = shared_prefix
+        self.prefix: list[int] = []
         self.loaded: LoadedModel | None = None
         self.max_batch = max_batch
         self._max_tokens_setting = max_tokens
@@ -314,8 +323,16 @@ class BatchingEngine:
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
         with torch.inference_mode():
             self.min_rows = invariant_rows(lm.model, self.max_batch)
-        self.cache = RaggedKVCache(cfg.num_hidden_layers, max(self.max_batch, self.min_rows), cfg.num_key_value_heads,
+        slots = max(self.max_batch, self.min_rows)
+        # One more slot keeps the shared prefix's keys and values.
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, slots + 1, cfg.num_key_value_heads,
                                    head_dim, self.max_tokens, lm.dtype, lm.device)
+        self._prefix_slot = slots
+        prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
+        if 0 < len(prefix) < self.max_tokens // 2:
+            with torch.inference_mode():
+                self._forward_prompt([prefix], self._prefix_slot, 0)
+            self.prefix = list(prefix)
         logger.info("Engine: %d slots; a step computes at least %d rows (fewer round differently here)",
                     self.max_batch, self.min_rows)
 
@@ -337,9 +354,11 @@ class BatchingEngine:
             joining.append(req)
         # Prompts of one length share a forward pass. Padding a shorter prompt to a
         # longer one changes its numerics in bfloat16, and with them greedy output.
-        by_length: dict[int, list[_Request]] = {}
+        # A prompt that starts with the shared prefix always computes only the rest,
+        # alone or not, so its arithmetic never depends on its neighbours either.
+        by_length: dict[tuple[int, int], list[_Request]] = {}
         for req in joining:
-            by_length.setdefault(len(req.prompt_ids), []).append(req)
+            by_length.setdefault((self._cached_prefix_len(req.prompt_ids), len(req.prompt_ids)), []).append(req)
         for group in by_length.values():
             try:
                 self._prefill(group)
@@ -349,19 +368,33 @@ class BatchingEngine:
                 _fail(group, exc)
                 self._retire()
 
-    def _prefill(self, joining: list[_Request]) -> None:
-        """One forward pass over new prompts of equal length; each one's last position gives its first token."""
+    def _cached_prefix_len(self, prompt_ids: list[int]) -> int:
+        n = len(self.prefix)
+        return n if n and len(prompt_ids) > n and prompt_ids[:n] == self.prefix else 0
+
+    def _forward_prompt(self, prompts: list[list[int]], first_row: int, start: int) -> torch.Tensor:
+        """Prompt tokens from position ``start`` on into rows ``first_row``..., over what the rows hold before it."""
         lm = self.loaded
         dev = lm.device
-        first_row = len(self._active)
-        width = len(joining[0].prompt_ids)
-        ids = torch.tensor([r.prompt_ids for r in joining], device=dev)
-        pos = torch.arange(width, device=dev)
-        mask = (pos[None, :] <= pos[:, None])[None, None].expand(len(joining), 1, width, width)
-        self.cache.for_prefill(torch.arange(first_row, first_row + len(joining), device=dev), width)
-        out = lm.model(input_ids=ids, position_ids=pos[None].expand(len(joining), -1), attention_mask=mask,
+        width = len(prompts[0]) - start
+        ids = torch.tensor([p[start:] for p in prompts], device=dev)
+        pos = torch.arange(start, start + width, device=dev)
+        mask = (torch.arange(start + width, device=dev)[None, :] <= pos[:, None])[None, None]
+        self.cache.for_prefill(torch.arange(first_row, first_row + len(prompts), device=dev), width, start)
+        out = lm.model(input_ids=ids, position_ids=pos[None].expand(len(prompts), -1),
+                       attention_mask=mask.expand(len(prompts), 1, width, start + width),
                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        tokens = self._sample(out.logits[:, -1], joining).tolist()
+        return out.logits[:, -1]
+
+    def _prefill(self, joining: list[_Request]) -> None:
+        """One forward pass over new prompts of equal length; each one's last position gives its first token."""
+        first_row = len(self._active)
+        start = self._cached_prefix_len(joining[0].prompt_ids)
+        for row in range(first_row, first_row + len(joining)):
+            if start:
+                self.cache.move(self._prefix_slot, row, start)
+        logits = self._forward_prompt([r.prompt_ids for r in joining], first_row, start)
+        tokens = self._sample(logits, joining).tolist()
         for req, token in zip(joining, tokens):
             self._active.append(req)
             self._lengths.append(len(req.prompt_ids))

@@ -28,3 +28,17 @@ def _template(tokenizer, messages: list[dict]) -> list[int]:
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding; older releases a plain list.
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def shared_prefix_ids(tokenizer, system_prompt: str) -> list[int]:
+    """The tokens that every prompt with this system prompt starts with (the system turn, templated).
+
+    Found as the common start of a few one-message conversations; the engine
+    still checks each prompt against it before using it.
+    """
+    probes = [_template(tokenizer, ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+                        + [{"role": "user", "content": text}]) for text in ("a", "Hello there", "1. ?")]
+    n = 0
+    while all(n < len(p) for p in probes) and len({p[n] for p in probes}) == 1:
+        n += 1
+    return probes[0][:n]

@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from config.settings import DEFAULT_MODEL_DIR
-from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
+from workers.engine import SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
 from workers.model import load_model
-from workers.prompt import build_prompt_ids
+from workers.prompt import build_prompt_ids, shared_prefix_ids
 
 PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step by step.",
            "Describe a busy morning at a city market.", "Give some tips for learning a new language.",
@@ -18,8 +18,9 @@ PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step 
 
 @pytest.fixture(scope="module")
 def engine():
-    # Loaded on the engine's thread, as a worker does.
-    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR)), max_batch=8, max_tokens=512).start()
+    # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached.
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR)), max_batch=8, max_tokens=512,
+                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     yield eng
     eng.stop()
 
@@ -29,9 +30,11 @@ def loaded(engine):
     return engine.loaded
 
 
-def ids(loaded, prompt: str) -> list[int]:
-    return build_prompt_ids(loaded.tokenizer, "You are a helpful assistant.", [{"role": "user", "content": prompt}],
-                            400)
+SYSTEM = "You are a helpful assistant."
+
+
+def ids(loaded, prompt: str, system: str = SYSTEM) -> list[int]:
+    return build_prompt_ids(loaded.tokenizer, system, [{"role": "user", "content": prompt}], 400)
 
 
 def run(engine, loaded, prompt, n=24, **kw):
@@ -62,11 +65,16 @@ def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
 
 def test_rows_of_different_spans_decode_as_they_would_alone(engine, loaded):
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
-    history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
-               {"role": "assistant", "content": "Bicycles appeared in the nineteenth century " * 7},
-               {"role": "user", "content": "And what came next?"}]
-    long_ids = build_prompt_ids(loaded.tokenizer, "You are a helpful assistant.", history, 400)
-    assert 100 < len(long_ids) < 128 - 8  # starts in the first bucket and leaves it while decoding
+    def long_prompt(repeats: int) -> list[int]:
+        history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
+                   {"role": "assistant", "content": "Bicycles appeared in the nineteenth century " * repeats},
+                   {"role": "user", "content": "And what came next?"}]
+        return build_prompt_ids(loaded.tokenizer, SYSTEM, history, 400)
+
+    # A prompt that starts in the second span bucket and leaves it while decoding.
+    long_ids = max((long_prompt(n) for n in range(1, 40)),
+                   key=lambda p: len(p) if len(p) < 2 * SPAN_BUCKET - 8 else 0)
+    assert 2 * SPAN_BUCKET - 40 < len(long_ids) < 2 * SPAN_BUCKET - 8
     alone_long = engine.generate(long_ids, GenerationParams(40), lambda s: None).text
     alone_short = [run(engine, loaded, p, n=40).text for p in PROMPTS[:3]]
     futures = [engine.submit(ids(loaded, p), GenerationParams(40), lambda s: None) for p in PROMPTS[:3]]
@@ -161,3 +169,14 @@ def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(engine, lo
     with pytest.raises(IndexError):  # the model's own error, not a timeout
         bad.result(60)
     assert run(engine, loaded, PROMPTS[0]).text == "The capital of France is Paris."
+
+
+def test_prompts_with_and_without_the_cached_prefix_decode_as_they_would_alone(engine, loaded):
+    assert engine.prefix and ids(loaded, "Hi")[:len(engine.prefix)] == engine.prefix
+    other = "You answer in one short sentence."  # another system prompt: the whole prompt is computed
+    prompts = [ids(loaded, p) for p in PROMPTS[:3]] + [ids(loaded, p, other) for p in PROMPTS[:3]]
+    assert all(p[:len(engine.prefix)] != engine.prefix for p in prompts[3:])
+    alone = [engine.generate(p, GenerationParams(24), lambda s: None).text for p in prompts]
+    together = [f.result(120).text for f in [engine.submit(p, GenerationParams(24), lambda s: None) for p in prompts]]
+    assert together == alone
+    assert alone[0] == "The capital of France is Paris."
