@@ -165,8 +165,7 @@ class RaggedKVCache:
         shape = (slots, kv_heads, max_tokens, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self._rows: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
         self._span = 0
         self._prefill_slots: torch.Tensor | None = None
         self._start = 0
@@ -178,9 +177,13 @@ class RaggedKVCache:
     def for_decode(self, positions: torch.Tensor, span: int) -> None:
         """Rows 0..n-1 take part; row i's new token goes to ``positions[i]``."""
         self._prefill_slots = None
-        self._rows = torch.arange(len(positions), device=positions.device)
-        self._positions = positions
         self._span = span
+        # Where each row's and head's new key goes in a layer's cache seen as (slots * heads * tokens, dim):
+        # one index_copy_ per layer instead of an indexed assignment.
+        _, heads, tokens, _ = self.keys[0].shape
+        rows = torch.arange(len(positions), device=positions.device)
+        self._flat = ((rows[:, None] * heads + torch.arange(heads, device=positions.device)[None, :]) * tokens
+                      + positions[:, None]).reshape(-1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
@@ -191,10 +194,11 @@ class RaggedKVCache:
             if start == 0:
                 return key, value
             return k[self._prefill_slots, :, :stop], v[self._prefill_slots, :, :stop]
-        k[self._rows, :, self._positions] = key[:, :, 0]
-        v[self._rows, :, self._positions] = value[:, :, 0]
-        n = len(self._rows)
-        return k[:n, :, :self._span], v[:n, :, :self._span]
+        dim = k.shape[-1]
+        k.view(-1, dim).index_copy_(0, self._flat, key.reshape(-1, dim))
+        v.view(-1, dim).index_copy_(0, self._flat, value.reshape(-1, dim))
+        # The whole cache: ragged_attention slices each span group's rows and positions itself.
+        return k, v
 
     def swap(self, a: int, b: int, length: int) -> None:
         """Exchange the first ``length`` positions of slots ``a`` and ``b``."""
