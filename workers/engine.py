@@ -393,9 +393,9 @@ class BatchingEngine:
     def _prefill(self, joining: list[_Request]) -> None:
         """One forward pass over new prompts of equal length; each one's last position gives its first token."""
         first_row = len(self._active)
-        start = self._cached_prefix_len(joining[0].prompt_ids)
-        for row in range(first_row, first_row + len(joining)):
-            if start:
+        start = self._cached_prefix_len(joining[0].prompt_ids)  # the same for the whole group
+        if start:
+            for row in range(first_row, first_row + len(joining)):
                 self.cache.move(self._prefix_slot, row, start)
         logits = self._forward_prompt([r.prompt_ids for r in joining], first_row, start)
         tokens = self._sample(logits, joining).tolist()
