@@ -19,10 +19,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     MetaData,
+    Select,
     String,
     Text,
     UniqueConstraint,
-    Select,
     and_,
     bindparam,
     create_engine,
@@ -247,7 +247,7 @@ class Store:
     # --- the worker -----------------------------------------------------------
 
     def prompt_request(self, request_id: str) -> PromptRequest | None:
-        """The request, its history and any reply already stored, in one query on the primary (the new message is there)."""
+        """The request, its history and any reply already stored: one query on the primary, where the new message is."""
         rows = self._on_primary(_PROMPT_REQUEST, request_id=request_id)
         if not rows:
             return None
@@ -297,10 +297,12 @@ def _accept_statement(conversation) -> Select:
 
 
 _ACCEPT_IN_NEW = _accept_statement(
-    insert(Conversation).values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
+    insert(Conversation)
+    .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
     .returning(Conversation.id).cte("conv"))
 _ACCEPT_IN_EXISTING = _accept_statement(
-    update(Conversation).where(Conversation.id == bindparam("new_conversation_id"), Conversation.owner == bindparam("new_owner"))
+    update(Conversation)
+    .where(Conversation.id == bindparam("new_conversation_id"), Conversation.owner == bindparam("new_owner"))
     .values(updated_at=func.now()).returning(Conversation.id).cte("conv"))
 
 

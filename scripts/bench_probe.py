@@ -17,13 +17,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from config.settings import DEFAULT_MODEL_DIR
+from config.settings import DEFAULT_MODEL_DIR, Settings
 from scripts.loadgen import PROMPTS
 from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
 from workers.model import cpu_flags, load_model
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
-SYSTEM = "You are a helpful assistant."
+SYSTEM = Settings().system_prompt  # what the workers use
 NEW_TOKENS = 64
 
 
@@ -105,7 +105,8 @@ def generate(threads: int) -> dict:
 
 
 def engine(threads: int) -> dict:
-    eng = BatchingEngine(loader(threads), max_batch=16, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    eng = BatchingEngine(loader(threads), max_batch=16,
+                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         all_ids = prompts(eng.loaded)
         result = {"lone": lone(eng, all_ids), "min_rows": eng.min_rows}

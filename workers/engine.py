@@ -166,6 +166,7 @@ class RaggedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self._flat: torch.Tensor | None = None
+        self._head_offsets = torch.arange(kv_heads, device=device)[None, :] * max_tokens
         self._span = 0
         self._prefill_slots: torch.Tensor | None = None
         self._start = 0
@@ -182,8 +183,7 @@ class RaggedKVCache:
         # one index_copy_ per layer instead of an indexed assignment.
         _, heads, tokens, _ = self.keys[0].shape
         rows = torch.arange(len(positions), device=positions.device)
-        self._flat = ((rows[:, None] * heads + torch.arange(heads, device=positions.device)[None, :]) * tokens
-                      + positions[:, None]).reshape(-1)
+        self._flat = ((rows * heads * tokens + positions)[:, None] + self._head_offsets).reshape(-1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
@@ -295,7 +295,8 @@ class BatchingEngine:
 
     def _run(self) -> None:
         try:
-            self._setup()
+            with torch.inference_mode():
+                self._setup()
         except Exception as exc:
             logger.exception("Engine could not start")
             self._stopping, self._start_error = True, exc
@@ -325,8 +326,7 @@ class BatchingEngine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_heads = cfg.num_key_value_heads
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
-        with torch.inference_mode():
-            self.min_rows = invariant_rows(lm.model, self.max_batch)
+        self.min_rows = invariant_rows(lm.model, self.max_batch)
         slots = max(self.max_batch, self.min_rows)
         # One more slot keeps the shared prefix's keys and values.
         self.cache = RaggedKVCache(cfg.num_hidden_layers, slots + 1, cfg.num_key_value_heads,
@@ -334,8 +334,7 @@ class BatchingEngine:
         self._prefix_slot = slots
         prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
         if 0 < len(prefix) < self.max_tokens // 2:
-            with torch.inference_mode():
-                self._forward_prompt([prefix], self._prefix_slot, 0)
+            self._forward_prompt([prefix], self._prefix_slot, 0)
             self.prefix = list(prefix)
         logger.info("Engine: %d slots; a step computes at least %d rows (fewer round differently here)",
                     self.max_batch, self.min_rows)
@@ -360,10 +359,10 @@ class BatchingEngine:
         # longer one changes its numerics in bfloat16, and with them greedy output.
         # A prompt that starts with the shared prefix always computes only the rest,
         # alone or not, so its arithmetic never depends on its neighbours either.
-        by_length: dict[tuple[int, int], list[_Request]] = {}
+        by_shape: dict[tuple[int, int], list[_Request]] = {}
         for req in joining:
-            by_length.setdefault((self._cached_prefix_len(req.prompt_ids), len(req.prompt_ids)), []).append(req)
-        for group in by_length.values():
+            by_shape.setdefault((self._cached_prefix_len(req.prompt_ids), len(req.prompt_ids)), []).append(req)
+        for group in by_shape.values():
             try:
                 self._prefill(group)
             except Exception as exc:

@@ -48,7 +48,8 @@ def test_cuda_visible_devices_feeds_the_gpus_setting(monkeypatch):
 
 def test_a_child_keeps_the_launchers_environment_and_python_path():
     spec = plan(["1"], 1, 0, 1)[0]
-    env = worker_env(spec, {"PYTHONPATH": "/opt/site", "CHAT_REDIS_URL": "redis://h:1/0", "CUDA_VISIBLE_DEVICES": "0,1"})
+    env = worker_env(spec, {"PYTHONPATH": "/opt/site", "CHAT_REDIS_URL": "redis://h:1/0",
+                            "CUDA_VISIBLE_DEVICES": "0,1"})
     assert env["PYTHONPATH"] == f"{ROOT}:/opt/site"  # the project first, then what the launcher was given
     assert env["CHAT_REDIS_URL"] == "redis://h:1/0"
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CHAT_DEVICE"] == "cuda:0"
