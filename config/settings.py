@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)
+    prefill_tokens_per_pass: int = Field(256, ge=1)
     worker_concurrency: int = Field(0, ge=0)
     cpu_workers: int = Field(1, ge=1)
     gpus: str | None = Field(None, validation_alias=AliasChoices("CHAT_GPUS", "CUDA_VISIBLE_DEVICES"))

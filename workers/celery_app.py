@@ -54,6 +54,7 @@ def _start(sender=None, **_):
 
     if settings.engine == "batching":
         engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
+                                prefill_tokens_per_pass=settings.prefill_tokens_per_pass,
                                 shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt)).start()
     else:
         engine = GenerateEngine(load).start()

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 # A decoding row attends over its length rounded up to this many positions:
 # fewer wasted positions against more groups per step (64 measured best here).
 SPAN_BUCKET = 64
+# A prompt is computed in pieces of this many tokens, cut at fixed places.
+PREFILL_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class _Request:
     first_token_s: float | None = None
     budget: int = 0
     finish_reason: str | None = None
+    slot: int = -1  # the cache row it fills while its prompt is computed
+    filled: int = 0  # prompt tokens in that row so far
 
     def emit(self, piece: str) -> None:
         if piece:
@@ -115,38 +119,68 @@ class _Request:
             self.on_text(piece)
 
 
-def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged_groups=None,
-                     **kwargs):
-    """Attention for a decode step whose rows attend over spans of their own.
+@dataclass(frozen=True)
+class PassPlan:
+    """What one forward pass computes, in the order of its tokens.
 
-    One call over the batch's longest span gives a short row different
-    rounding in bfloat16 than the same row alone, and with it different greedy
-    text. So each row attends over its length rounded up to a bucket
-    (:data:`SPAN_BUCKET`), whatever its neighbours: rows of one bucket share a
-    call, and a row's arithmetic never depends on what else is in the batch.
-    The engine keeps the rows ordered by span, so each bucket is one range of rows.
-    For one query token, two batched matrix products and a float32 softmax run
-    several times faster on CPU than SDPA's kernel with a mask. Anything but
-    such a decode step is plain SDPA.
+    First ``decode_rows`` tokens, one per row: token i belongs to cache row i
+    and attends over that row's first positions, in ``decode_groups`` of rows
+    with one span (start, stop, span, additive bias). Then ``chunks`` of prompt
+    tokens, each (offset in the pass, length, cache row, first position),
+    attending causally over their row.
     """
-    if ragged_groups is None or query.shape[2] != 1:
+
+    decode_rows: int
+    decode_groups: list[tuple[int, int, int, torch.Tensor]]
+    chunks: list[tuple[int, int, int, int]]
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     ragged_plan: PassPlan | None = None, **kwargs):
+    """Attention for a pass that mixes decoding rows and pieces of prompts.
+
+    The pass is one sequence (batch of one) of every token it computes, so
+    the linear layers read their weights once for decoding rows and new
+    prompts together; only attention is split. Keys and values are the whole
+    cache (:class:`RaggedKVCache`).
+
+    A decoding row attends over its own length rounded up to a bucket
+    (:data:`SPAN_BUCKET`), whatever its neighbours: one call over the batch's
+    longest span would give a short row different rounding in bfloat16, and
+    with it different greedy text. Rows of one bucket share a call; the engine
+    keeps rows ordered by span, so each bucket is one range of rows, sliced
+    from the cache without copies. For one query token two batched matrix
+    products and a float32 softmax run several times faster on CPU than SDPA
+    with a mask. A prompt's piece goes through transformers' SDPA attention
+    over its own row, so its arithmetic depends on the prompt alone.
+
+    Without a plan (``generate()`` on the same model) this is plain SDPA.
+    """
+    if ragged_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    rows, heads, _, dim = query.shape
+    _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
-    out = query.new_empty(rows, heads, dim)
-    for start, stop, span, bias in ragged_groups:
-        # Slices of the cache, never copies: a row's operands keep the same layout in any batch.
+    rows = query[0].transpose(0, 1)  # (tokens, heads, dim)
+    out = query.new_empty(tokens, heads, dim)
+    for start, stop, span, bias in ragged_plan.decode_groups:
         n = (stop - start) * kv_heads
-        q = query[start:stop].reshape(n, group, dim)
+        q = rows[start:stop].reshape(n, group, dim)
         k = key[start:stop, :, :span].reshape(n, span, dim)
         v = value[start:stop, :, :span].reshape(n, span, dim)
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # bias: 0 to attend, -inf beyond the row
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         torch.bmm(probs, v, out=out[start:stop].view(n, group, dim))
-    return out.view(rows, 1, heads, dim), None
+    for offset, length, row, first in ragged_plan.chunks:
+        stop = first + length
+        causal = (torch.arange(stop, device=query.device)[None, :]
+                  <= torch.arange(first, stop, device=query.device)[:, None])[None, None]
+        piece, _ = sdpa_attention_forward(module, query[:, :, offset:offset + length], key[row:row + 1, :, :stop],
+                                          value[row:row + 1, :, :stop], causal, scaling=scale, dropout=0.0)
+        out[offset:offset + length] = piece[0]
+    return out[None], None
 
 
 AttentionInterface.register("ragged", ragged_attention)
@@ -157,7 +191,7 @@ class RaggedKVCache:
     """Preallocated keys and values, one row per batch slot, each row with its own length.
 
     The model calls :meth:`update` once per layer per forward pass; before each
-    pass the engine says which rows take part and where their new tokens go.
+    pass the engine says, per token, which row and position its key goes to.
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_tokens: int,
@@ -165,39 +199,23 @@ class RaggedKVCache:
         shape = (slots, kv_heads, max_tokens, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self._flat: torch.Tensor | None = None
         self._head_offsets = torch.arange(kv_heads, device=device)[None, :] * max_tokens
-        self._span = 0
-        self._prefill_slots: torch.Tensor | None = None
-        self._start = 0
+        self._flat = torch.zeros(0, dtype=torch.long, device=device)
 
-    def for_prefill(self, slots: torch.Tensor, width: int, start: int = 0) -> None:
-        """Rows ``slots`` take ``width`` new prompt tokens at positions ``start`` on (after a cached prefix)."""
-        self._prefill_slots, self._span, self._start = slots, width, start
-
-    def for_decode(self, positions: torch.Tensor, span: int) -> None:
-        """Rows 0..n-1 take part; row i's new token goes to ``positions[i]``."""
-        self._prefill_slots = None
-        self._span = span
-        # Where each row's and head's new key goes in a layer's cache seen as (slots * heads * tokens, dim):
-        # one index_copy_ per layer instead of an indexed assignment.
+    def plan(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Token i of the next pass goes to row ``rows[i]`` at position ``positions[i]``."""
+        # Where each token's and head's key goes in a layer's cache seen as (slots * heads * tokens, dim):
+        # one index_copy_ per layer writes the whole pass.
         _, heads, tokens, _ = self.keys[0].shape
-        rows = torch.arange(len(positions), device=positions.device)
         self._flat = ((rows * heads * tokens + positions)[:, None] + self._head_offsets).reshape(-1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self._prefill_slots is not None:
-            start, stop = self._start, self._start + self._span
-            k[self._prefill_slots, :, start:stop] = key
-            v[self._prefill_slots, :, start:stop] = value
-            if start == 0:
-                return key, value
-            return k[self._prefill_slots, :, :stop], v[self._prefill_slots, :, :stop]
         dim = k.shape[-1]
-        k.view(-1, dim).index_copy_(0, self._flat, key.reshape(-1, dim))
-        v.view(-1, dim).index_copy_(0, self._flat, value.reshape(-1, dim))
-        # The whole cache: ragged_attention slices each span group's rows and positions itself.
+        # key: (1, heads, tokens, dim) -> (tokens * heads, dim), token-major as the index is.
+        k.view(-1, dim).index_copy_(0, self._flat, key[0].transpose(0, 1).reshape(-1, dim))
+        v.view(-1, dim).index_copy_(0, self._flat, value[0].transpose(0, 1).reshape(-1, dim))
+        # The whole cache: ragged_attention slices each row's positions itself.
         return k, v
 
     def swap(self, a: int, b: int, length: int) -> None:
@@ -226,13 +244,21 @@ def _take(model: ModelSource) -> LoadedModel:
 class BatchingEngine:
     """Continuous batching on one model, driven by one thread that owns it.
 
+    Each forward pass computes one token for every decoding request and, in
+    the same pass, pieces of new prompts (chunked prefill): on this model a
+    pass costs mostly one read of the weights, so a new prompt rides along
+    with the decoding rows instead of stopping them for a pass of its own.
+    A prompt is cut into pieces of :data:`PREFILL_CHUNK` tokens at fixed
+    places, and a pass takes pieces up to ``prefill_tokens_per_pass`` tokens,
+    so a long prompt delays the others' next token by a bounded amount.
+
     Give it a loader rather than a loaded model to load on that thread: with
     torch's OpenMP, a model step ran up to twice as slow on a thread other
     than the first one in the process to do torch work.
     """
 
     def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
-                 prefill_tokens_per_step: int = 512, shared_prefix: Callable[[object], list[int]] | None = None):
+                 prefill_tokens_per_pass: int = 256, shared_prefix: Callable[[object], list[int]] | None = None):
         self._model_source = model
         # The tokens every prompt starts with (the system prompt, templated), given
         # the tokenizer: their keys and values are computed once and copied in.
@@ -242,14 +268,16 @@ class BatchingEngine:
         self.max_batch = max_batch
         self._max_tokens_setting = max_tokens
         self.max_tokens = max_tokens
-        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.prefill_tokens_per_pass = max(prefill_tokens_per_pass, 1)
         self.cache: RaggedKVCache | None = None
         self.min_rows = 1  # measured on the engine thread: see _step
+        self._vocab = 0
         self._ready = threading.Event()
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
-        self._active: list[_Request] = []  # row i of the cache belongs to _active[i]
+        self._active: list[_Request] = []  # decoding: row i of the cache belongs to _active[i]
         self._lengths: list[int] = []  # tokens in the cache per row
         self._last: list[int] = []  # the token each row feeds next
+        self._filling: list[_Request] = []  # prompts being computed, first come first
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False
         self._start_error: Exception | None = None
@@ -278,6 +306,8 @@ class BatchingEngine:
             raise RuntimeError("engine stopped")
         if not prompt_ids:
             raise ValueError("empty prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self._vocab:
+            raise ValueError(f"token ids must be in 0..{self._vocab - 1}")
         budget = min(params.max_new_tokens, self.max_tokens - len(prompt_ids))
         if budget < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in {self.max_tokens}")
@@ -307,17 +337,17 @@ class BatchingEngine:
             while not self._stopping:
                 try:
                     self._admit()
-                    if self._active:
+                    if self._active or self._filling:
                         self._step()
                 except Exception as exc:
-                    # A failed step fails every request in it; the engine keeps serving.
+                    # A failed pass fails every request in it; the engine keeps serving.
                     logger.exception("Engine step failed")
-                    _fail(self._active, exc)
-                    self._active, self._lengths, self._last = [], [], []
+                    _fail(self._active + self._filling, exc)
+                    self._active, self._lengths, self._last, self._filling = [], [], [], []
         waiting = []
         while not self._incoming.empty():
             waiting.append(self._incoming.get_nowait())
-        _fail([r for r in self._active + waiting if r is not None], RuntimeError("engine stopped"))
+        _fail([r for r in self._active + self._filling + waiting if r is not None], RuntimeError("engine stopped"))
 
     def _setup(self) -> None:
         lm = self.loaded = _take(self._model_source)
@@ -325,27 +355,32 @@ class BatchingEngine:
         cfg = lm.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_heads = cfg.num_key_value_heads
+        self._vocab = lm.model.get_input_embeddings().num_embeddings
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
-        self.min_rows = invariant_rows(lm.model, self.max_batch)
-        slots = max(self.max_batch, self.min_rows)
-        # One more slot keeps the shared prefix's keys and values.
-        self.cache = RaggedKVCache(cfg.num_hidden_layers, slots + 1, cfg.num_key_value_heads,
+        most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK)  # the most rows a pass computes
+        self.min_rows = invariant_rows(lm.model, self.max_batch, most)
+        self._slots = max(self.max_batch, self.min_rows)
+        # Two more rows: the shared prefix's keys and values, and a scratch row
+        # that the throw-away rows of a short pass write to.
+        self.cache = RaggedKVCache(cfg.num_hidden_layers, self._slots + 2, cfg.num_key_value_heads,
                                    head_dim, self.max_tokens, lm.dtype, lm.device)
-        self._prefix_slot = slots
+        self._prefix_slot, self._scratch_slot = self._slots, self._slots + 1
+        # A 4-D mask is used as given: ragged_attention masks by its plan instead.
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=lm.device)
         prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
         if 0 < len(prefix) < self.max_tokens // 2:
-            self._forward_prompt([prefix], self._prefix_slot, 0)
+            for first in range(0, len(prefix), PREFILL_CHUNK):
+                length = min(PREFILL_CHUNK, len(prefix) - first)
+                self._forward([], [(prefix, self._prefix_slot, first, length)])
             self.prefix = list(prefix)
-        logger.info("Engine: %d slots; a step computes at least %d rows (fewer round differently here)",
+        logger.info("Engine: %d slots; a pass computes at least %d rows (fewer round differently here)",
                     self.max_batch, self.min_rows)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, together, within a token budget per step."""
-        joining: list[_Request] = []
-        spent = 0
-        while len(self._active) + len(joining) < self.max_batch and spent < self.prefill_tokens_per_step:
+        """Give waiting requests free rows; their prompts are computed by the coming passes."""
+        while len(self._active) + len(self._filling) < self.max_batch:
             try:
-                req = self._incoming.get(block=not self._active and not joining)
+                req = self._incoming.get(block=not self._active and not self._filling)
             except queue.Empty:
                 break
             if req is None:
@@ -353,57 +388,37 @@ class BatchingEngine:
             if req.cancelled.is_set():
                 self._finish_unstarted(req)
                 continue
-            spent += len(req.prompt_ids)
-            joining.append(req)
-        # Prompts of one length share a forward pass. Padding a shorter prompt to a
-        # longer one changes its numerics in bfloat16, and with them greedy output.
-        # A prompt that starts with the shared prefix always computes only the rest,
-        # alone or not, so its arithmetic never depends on its neighbours either.
-        by_shape: dict[tuple[int, int], list[_Request]] = {}
-        for req in joining:
-            by_shape.setdefault((self._cached_prefix_len(req.prompt_ids), len(req.prompt_ids)), []).append(req)
-        for group in by_shape.values():
-            try:
-                self._prefill(group)
-            except Exception as exc:
-                # Not yet (or only partly) in the batch: fail them here, or their callers wait forever.
-                logger.exception("Prefill failed")
-                _fail(group, exc)
-                self._retire()
+            taken = {r.slot for r in self._filling}
+            req.slot = next(s for s in range(len(self._active), self._slots) if s not in taken)
+            # A prompt that starts with the shared prefix always computes only the rest,
+            # alone or not, so its arithmetic never depends on its neighbours.
+            req.filled = self._cached_prefix_len(req.prompt_ids)
+            if req.filled:
+                self.cache.move(self._prefix_slot, req.slot, req.filled)
+            self._filling.append(req)
 
     def _cached_prefix_len(self, prompt_ids: list[int]) -> int:
         n = len(self.prefix)
         return n if n and len(prompt_ids) > n and prompt_ids[:n] == self.prefix else 0
 
-    def _forward_prompt(self, prompts: list[list[int]], first_row: int, start: int) -> torch.Tensor:
-        """Prompt tokens from position ``start`` on into rows ``first_row``..., over what the rows hold before it."""
-        lm = self.loaded
-        dev = lm.device
-        width = len(prompts[0]) - start
-        ids = torch.tensor([p[start:] for p in prompts], device=dev)
-        pos = torch.arange(start, start + width, device=dev)
-        mask = (torch.arange(start + width, device=dev)[None, :] <= pos[:, None])[None, None]
-        self.cache.for_prefill(torch.arange(first_row, first_row + len(prompts), device=dev), width, start)
-        out = lm.model(input_ids=ids, position_ids=pos[None].expand(len(prompts), -1),
-                       attention_mask=mask.expand(len(prompts), 1, width, start + width),
-                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+    def _chunks(self) -> list[tuple[_Request, int, int]]:
+        """Pieces of prompts for the next pass, first come first: (request, first position, length).
 
-    def _prefill(self, joining: list[_Request]) -> None:
-        """One forward pass over new prompts of equal length; each one's last position gives its first token."""
-        first_row = len(self._active)
-        start = self._cached_prefix_len(joining[0].prompt_ids)  # the same for the whole group
-        if start:
-            for row in range(first_row, first_row + len(joining)):
-                self.cache.move(self._prefix_slot, row, start)
-        logits = self._forward_prompt([r.prompt_ids for r in joining], first_row, start)
-        tokens = self._sample(logits, joining).tolist()
-        for req, token in zip(joining, tokens):
-            self._active.append(req)
-            self._lengths.append(len(req.prompt_ids))
-            self._last.append(token)
-            self._accept(len(self._active) - 1, token)
-        self._retire()
+        A prompt is cut at fixed places (every :data:`PREFILL_CHUNK` tokens
+        from where its computation starts), whatever else is waiting, so its
+        arithmetic depends on the prompt alone. A pass takes at least one piece.
+        """
+        chunks, room = [], self.prefill_tokens_per_pass
+        for req in self._filling:
+            first = req.filled
+            while first < len(req.prompt_ids):
+                length = min(PREFILL_CHUNK, len(req.prompt_ids) - first)
+                if chunks and length > room:
+                    return chunks
+                chunks.append((req, first, length))
+                room -= length
+                first += length
+        return chunks
 
     def _span(self, length: int) -> int:
         """Positions a row attends over once its next token is in: its length rounded up to a bucket."""
@@ -429,40 +444,110 @@ class BatchingEngine:
         return spans
 
     def _step(self) -> None:
+        """One pass: the next token of every decoding row, and pieces of waiting prompts."""
+        for req in [r for r in self._filling if r.cancelled.is_set()]:
+            self._filling.remove(req)
+            self._finish_unstarted(req)
+        spans = self._order_rows()
+        chunks = self._chunks()
+        if not self._active and not chunks:
+            return
+        pieces = [(r.prompt_ids, r.slot, first, length) for r, first, length in chunks]
+        logits = self._forward(list(zip(self._lengths, self._last, spans)), pieces)
+        self.steps += 1
+        rows = len(self._active)
+        done = []  # requests whose whole prompt is now in: their first token comes from this pass
+        for req, first, length in chunks:
+            req.filled = first + length
+            if req.filled == len(req.prompt_ids):
+                done.append(req)
+        tokens = self._sample(logits[:rows + len(done)], self._active + done).tolist()
+        for row, token in enumerate(tokens[:rows]):
+            self._lengths[row] += 1
+            self._last[row] = token
+            self._accept(row, token)
+        for req, token in zip(done, tokens[rows:]):
+            self._start_decoding(req, token)
+        self._retire()
+
+    def _start_decoding(self, req: _Request, token: int) -> None:
+        """A request whose prompt is in takes the next decoding row (rows stay packed from 0)."""
+        self._filling.remove(req)
+        row = len(self._active)
+        if req.slot != row:
+            other = next((r for r in self._filling if r.slot == row), None)
+            if other is None:
+                self.cache.move(req.slot, row, len(req.prompt_ids))
+            else:
+                self.cache.swap(req.slot, row, max(len(req.prompt_ids), other.filled))
+                other.slot = req.slot
+            req.slot = row
+        self._active.append(req)
+        self._lengths.append(len(req.prompt_ids))
+        self._last.append(token)
+        self._accept(row, token)
+
+    def _forward(self, decoding: list[tuple[int, int, int]], pieces: list[tuple[list[int], int, int, int]]
+                 ) -> torch.Tensor:
+        """One forward pass; the logits of each decoding row, then of each prompt whose last piece this is.
+
+        ``decoding``: (length, token, span) of cache rows 0, 1, ... in order;
+        ``pieces``: (prompt, cache row, first position, length).
+        """
         lm = self.loaded
         dev = lm.device
-        spans = self._order_rows()
-        lengths, last = self._lengths, self._last
-        if len(lengths) < self.min_rows:
+        tokens, rows, positions = [], [], []
+        for row, (length, token, _) in enumerate(decoding):
+            tokens.append(token), rows.append(row), positions.append(length)
+        if len(decoding) + sum(p[3] for p in pieces) < self.min_rows:
             # Matrix products over few rows may take another kernel and round
-            # differently (oneDNN over one bfloat16 row, MKL over up to three
-            # float32 rows), which would make a lone request's greedy text differ
-            # from the same request in a batch. Throw-away copies of row 0 in free
-            # slots keep every step at the measured minimum.
-            pad = self.min_rows - len(lengths)
-            lengths, last, spans = lengths + lengths[:1] * pad, last + last[:1] * pad, spans + spans[:1] * pad
-        positions = torch.tensor(lengths, device=dev)
-        span = spans[0]
-        self.cache.for_decode(positions, span)
-        mask = (torch.arange(span, device=dev)[None, :] <= positions[:, None])[:, None, None, :]
-        # Per row and key-value head, the additive mask ragged_attention takes.
-        bias = torch.zeros(mask.shape, dtype=lm.dtype, device=dev).masked_fill_(~mask, float("-inf"))
+            # differently (oneDNN over one bfloat16 row, MKL over a few float32
+            # rows), which would make a lone request's greedy text differ from
+            # the same request in a batch. Throw-away rows (copies of the first
+            # decoding row, written to the scratch row) keep every pass at the
+            # measured minimum.
+            template = decoding[0] if decoding else (0, pieces[0][0][0], self._span(0))
+            pad = self.min_rows - len(decoding) - sum(p[3] for p in pieces)
+            decoding = decoding + [template] * pad
+            tokens += [template[1]] * pad
+            rows += [self._scratch_slot] * pad
+            positions += [template[0]] * pad
+        chunks, keep = [], list(range(len(decoding)))
+        for prompt, row, first, length in pieces:
+            chunks.append((len(tokens), length, row, first))
+            tokens += prompt[first:first + length]
+            rows += [row] * length
+            positions += range(first, first + length)
+            if first + length == len(prompt):
+                keep.append(len(tokens) - 1)
+        keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
+        self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
+        plan = PassPlan(len(decoding), self._decode_groups(decoding), chunks)
+        ids = torch.tensor(tokens, device=dev)[None]
+        pos = torch.tensor(positions, device=dev)[None]
+        out = lm.model(input_ids=ids, position_ids=pos, attention_mask=self._no_mask, cache=self.cache,
+                       use_cache=True, ragged_plan=plan, logits_to_keep=torch.tensor(keep or [0], device=dev))
+        return out.logits[0]
+
+    def _decode_groups(self, decoding: list[tuple[int, int, int]]) -> list[tuple[int, int, int, torch.Tensor]]:
+        """Ranges of decoding rows with one span, each with the additive mask ragged_attention takes."""
+        if not decoding:
+            return []
+        lm = self.loaded
+        dev = lm.device
+        lengths = torch.tensor([d[0] for d in decoding], device=dev)
+        spans = [d[2] for d in decoding]
+        span = max(spans)
+        allowed = torch.arange(span, device=dev)[None, :] <= lengths[:, None]
+        bias = torch.zeros(allowed.shape, dtype=lm.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         kv = self._kv_heads
-        bias = bias.view(len(lengths), 1, span).repeat_interleave(kv, dim=0)
+        bias = bias.view(len(decoding), 1, span).repeat_interleave(kv, dim=0)
         groups, start = [], 0
         for stop in range(1, len(spans) + 1):
             if stop == len(spans) or spans[stop] != spans[start]:
                 groups.append((start, stop, spans[start], bias[start * kv:stop * kv, :, :spans[start]]))
                 start = stop
-        out = lm.model(input_ids=torch.tensor(last, device=dev)[:, None], position_ids=positions[:, None],
-                       attention_mask=mask, past_key_values=self.cache, use_cache=True, ragged_groups=groups)
-        tokens = self._sample(out.logits[:len(self._active), -1], self._active).tolist()
-        self.steps += 1
-        for row, token in enumerate(tokens):
-            self._lengths[row] += 1
-            self._last[row] = token
-            self._accept(row, token)
-        self._retire()
+        return groups
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
         greedy = torch.argmax(logits, dim=-1)

@@ -73,12 +73,19 @@ def pack_linears(model: nn.Module, batch_hint: int) -> str:
     return f"{len(swaps)} linear layers prepacked for oneDNN"
 
 
-def invariant_rows(model: nn.Module, max_rows: int) -> int:
-    """The fewest rows from which every batch up to ``max_rows`` computes each row exactly alike.
+def invariant_rows(model: nn.Module, max_rows: int, most_rows: int | None = None) -> int:
+    """The fewest rows from which every batch up to ``most_rows`` computes each row exactly alike.
 
-    Tried on every distinct linear layer shape of the model with random input;
-    a batch with fewer active rows is padded up to this many.
+    Tried on every distinct linear layer shape of the model with random input,
+    at every size up to ``max_rows`` (decoding rows) and at doublings of it up
+    to ``most_rows`` (a pass that also computes pieces of prompts); a pass
+    with fewer rows is padded up to this many.
     """
+    most_rows = max(most_rows or max_rows, max_rows)
+    sizes = list(range(1, max_rows + 1))
+    while sizes[-1] * 2 < most_rows:
+        sizes.append(sizes[-1] * 2)
+    sizes = sorted({*sizes, most_rows}, reverse=True)
     seen, rows = set(), 1
     generator = torch.Generator(device="cpu").manual_seed(0)
     with torch.inference_mode():
@@ -88,10 +95,12 @@ def invariant_rows(model: nn.Module, max_rows: int) -> int:
                 continue
             seen.add(shape)
             weight = layer.packed if isinstance(layer, PackedLinear) else layer.weight
-            x = torch.randn(max_rows, layer.in_features, generator=generator).to(weight.device, weight.dtype)
+            x = torch.randn(most_rows, layer.in_features, generator=generator).to(weight.device, weight.dtype)
             full = layer(x)
-            m = max_rows
-            while m > 1 and torch.equal(layer(x[:m - 1].contiguous()), full[:m - 1]):
-                m -= 1
+            m = most_rows
+            for size in sizes[1:]:
+                if not torch.equal(layer(x[:size].contiguous()), full[:size]):
+                    break
+                m = size
             rows = max(rows, m)
     return rows

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from config.settings import DEFAULT_MODEL_DIR
-from workers.engine import SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
+from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
 from workers.model import load_model
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
@@ -98,9 +98,13 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
 
 
 def test_requests_join_and_leave_between_steps(engine, loaded):
-    """A long request keeps going while short ones join late and finish first."""
-    long_first = engine.submit(ids(loaded, PROMPTS[1]), GenerationParams(40), lambda s: None)
+    """A long request keeps going while short ones join late and finish first.
+
+    The short ones' prompts are computed in the long one's decoding passes:
+    it takes no more passes than it has tokens.
+    """
     started = engine.steps
+    long_first = engine.submit(ids(loaded, PROMPTS[1]), GenerationParams(40), lambda s: None)
     while engine.steps < started + 5:
         threading.Event().wait(0.01)
     short = [engine.submit(ids(loaded, p), GenerationParams(3 + i), lambda s: None) for i, p in enumerate(PROMPTS[2:5])]
@@ -109,6 +113,7 @@ def test_requests_join_and_leave_between_steps(engine, loaded):
     assert all(r.finish_reason == "length" for r in short_results)
     assert not long_first.done()  # the short ones left while the long one was still decoding
     assert long_first.result(120).completion_tokens == 40
+    assert engine.steps - started == 40
     assert long_first.result().text == run(engine, loaded, PROMPTS[1], n=40).text
 
 
@@ -146,6 +151,21 @@ def test_temperature_samples_per_request(engine, loaded):
     assert any(t != greedy for t in texts[:-1])
 
 
+def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(engine, loaded):
+    """A prompt of several pieces, its pieces spread over passes that also decode and start other requests."""
+    history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
+               {"role": "assistant", "content": "Bicycles appeared in the nineteenth century. " * 30},
+               {"role": "user", "content": "And what came next?"}]
+    long_ids = build_prompt_ids(loaded.tokenizer, SYSTEM, history, 400)
+    assert len(long_ids) - len(engine.prefix) > 2 * PREFILL_CHUNK
+    assert len(long_ids) - len(engine.prefix) > engine.prefill_tokens_per_pass  # more than one pass
+    alone_long = engine.generate(long_ids, GenerationParams(24), lambda s: None).text
+    alone_short = [run(engine, loaded, p).text for p in PROMPTS[:3]]
+    futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS[:3]]
+    futures.append(engine.submit(long_ids, GenerationParams(24), lambda s: None))
+    assert [f.result(120).text for f in futures] == [*alone_short, alone_long]
+
+
 def test_more_requests_than_slots_all_finish(engine, loaded):
     futures = [engine.submit(ids(loaded, PROMPTS[i % 8]), GenerationParams(4), lambda s: None) for i in range(20)]
     assert [f.result(120).completion_tokens for f in futures] == [4] * 20 or all(
@@ -164,10 +184,25 @@ def test_a_stopped_engine_refuses_and_fails_what_waited(loaded):
         eng.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
 
 
-def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(engine, loaded):
-    bad = engine.submit([10**7] * 5, GenerationParams(4), lambda s: None)  # no such token: the embedding raises
-    with pytest.raises(IndexError):  # the model's own error, not a timeout
-        bad.result(60)
+def test_token_ids_outside_the_vocabulary_are_refused_before_anything_runs(engine):
+    steps = engine.steps
+    for bad in ([10**7] * 5, [5, -1]):
+        with pytest.raises(ValueError, match="token ids"):
+            engine.submit(bad, GenerationParams(4), lambda s: None)
+    assert engine.steps == steps
+
+
+def test_a_failing_pass_fails_its_requests_and_the_engine_serves_on(engine, loaded):
+    plan = engine.cache.plan
+
+    def broken(*args):
+        engine.cache.plan = plan  # fails once
+        raise RuntimeError("pass failed")
+
+    engine.cache.plan = broken
+    failed = engine.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
+    with pytest.raises(RuntimeError, match="pass failed"):  # the pass's own error, not a timeout
+        failed.result(60)
     assert run(engine, loaded, PROMPTS[0]).text == "The capital of France is Paris."
 
 
