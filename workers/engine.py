@@ -5,21 +5,23 @@ parameters, a callback for new text and a cancel event, and waits for the
 result; the callback runs on the engine's thread and must be quick.
 
 - :class:`BatchingEngine` is the one workers use: one thread owns the model
-  and decodes every active request together, one token per request per step.
-  Requests join between steps (prompts of one length prefilled in one pass)
-  and leave as soon as they finish or are cancelled (continuous batching).
+  and computes every active request together, one token per request per
+  forward pass. New prompts are computed in the same passes, in pieces
+  (chunked prefill), and requests leave as soon as they finish or are
+  cancelled (continuous batching).
 - :class:`GenerateEngine` is the baseline: one ``model.generate()`` call per
   request, one at a time.
 
 What transformers ships and what is written here: the model's own forward
-pass, rotary embeddings and (for prefill) SDPA do the work; a decode step's
-attention is :func:`ragged_attention`, registered with transformers'
-``AttentionInterface``. transformers' own
+pass, rotary embeddings and SDPA (for pieces of prompts) do the work;
+decoding rows' attention is :func:`ragged_attention`, registered with
+transformers' ``AttentionInterface``, and the vocabulary projection runs only
+on the rows that need logits (``logits_to_keep``). transformers' own
 continuous batching (``init_continuous_batching``) applies one generation
 config to every request (no per-request temperature) and its paged cache was
 slower than a padded batch on CPU, so the scheduling and the KV cache are
 ours: :class:`RaggedKVCache` is preallocated once, one row per batch slot, and
-each row keeps its own length, so requests of any length share a step without
+each row keeps its own length, so requests of any length share a pass without
 padding shifts or concatenation.
 """
 
@@ -44,7 +46,7 @@ from workers.model import LoadedModel
 logger = logging.getLogger(__name__)
 
 # A decoding row attends over its length rounded up to this many positions:
-# fewer wasted positions against more groups per step (64 measured best here).
+# fewer wasted positions against more groups per pass (64 measured best here).
 SPAN_BUCKET = 64
 # A prompt is computed in pieces of this many tokens, cut at fixed places.
 PREFILL_CHUNK = 128
@@ -270,7 +272,7 @@ class BatchingEngine:
         self.max_tokens = max_tokens
         self.prefill_tokens_per_pass = max(prefill_tokens_per_pass, 1)
         self.cache: RaggedKVCache | None = None
-        self.min_rows = 1  # measured on the engine thread: see _step
+        self.min_rows = 1  # measured on the engine thread: see _forward
         self._vocab = 0
         self._ready = threading.Event()
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
@@ -497,6 +499,7 @@ class BatchingEngine:
         lm = self.loaded
         dev = lm.device
         tokens, rows, positions = [], [], []
+        keep = list(range(len(decoding)))  # the positions whose logits are wanted: not the throw-away rows'
         for row, (length, token, _) in enumerate(decoding):
             tokens.append(token), rows.append(row), positions.append(length)
         if len(decoding) + sum(p[3] for p in pieces) < self.min_rows:
@@ -512,7 +515,7 @@ class BatchingEngine:
             tokens += [template[1]] * pad
             rows += [self._scratch_slot] * pad
             positions += [template[0]] * pad
-        chunks, keep = [], list(range(len(decoding)))
+        chunks = []
         for prompt, row, first, length in pieces:
             chunks.append((len(tokens), length, row, first))
             tokens += prompt[first:first + length]

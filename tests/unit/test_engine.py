@@ -93,6 +93,17 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
         alone = [run(eng, eng.loaded, p, n=12).text for p in PROMPTS[:4]]
         futures = [eng.submit(ids(eng.loaded, p), GenerationParams(12), lambda s: None) for p in PROMPTS[:4]]
         assert [f.result(120).text for f in futures] == alone
+        # A prompt of fewer tokens than that minimum, computed beside a decoding row: the pass is padded
+        # and the prompt's first token still comes from its own logits.
+        eng.min_rows = 8  # at least the measured minimum (above), whatever this machine measured
+        tiny = ids(eng.loaded, PROMPTS[0])[-3:]
+        tiny_alone = eng.generate(tiny, GenerationParams(12), lambda s: None).text
+        decoding = eng.submit(ids(eng.loaded, PROMPTS[1]), GenerationParams(30), lambda s: None)
+        started = eng.steps
+        while eng.steps < started + 3:
+            threading.Event().wait(0.01)
+        assert eng.generate(tiny, GenerationParams(12), lambda s: None).text == tiny_alone
+        assert decoding.result(120).text == run(eng, eng.loaded, PROMPTS[1], n=30).text
     finally:
         eng.stop()
 
