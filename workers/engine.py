@@ -123,18 +123,17 @@ class _Request:
 
 @dataclass(frozen=True)
 class PassPlan:
-    """What one forward pass computes, in the order of its tokens.
+    """How one forward pass's tokens attend, in the order of its tokens.
 
-    First ``decode_rows`` tokens, one per row: token i belongs to cache row i
-    and attends over that row's first positions, in ``decode_groups`` of rows
-    with one span (start, stop, span, additive bias). Then ``chunks`` of prompt
-    tokens, each (offset in the pass, length, cache row, first position),
-    attending causally over their row.
+    First one token per decoding row: token i belongs to cache row i and
+    attends over that row's first positions, in ``decode_groups`` of rows with
+    one span (start, stop, span, additive bias). Then ``chunks`` of prompt
+    tokens, each (offset in the pass, length, cache row, first position,
+    causal mask over the row up to the chunk's end).
     """
 
-    decode_rows: int
     decode_groups: list[tuple[int, int, int, torch.Tensor]]
-    chunks: list[tuple[int, int, int, int]]
+    chunks: list[tuple[int, int, int, int, torch.Tensor]]
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -175,10 +174,8 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # bias: 0 to attend, -inf beyond the row
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         torch.bmm(probs, v, out=out[start:stop].view(n, group, dim))
-    for offset, length, row, first in ragged_plan.chunks:
+    for offset, length, row, first, causal in ragged_plan.chunks:
         stop = first + length
-        causal = (torch.arange(stop, device=query.device)[None, :]
-                  <= torch.arange(first, stop, device=query.device)[:, None])[None, None]
         piece, _ = sdpa_attention_forward(module, query[:, :, offset:offset + length], key[row:row + 1, :, :stop],
                                           value[row:row + 1, :, :stop], causal, scaling=scale, dropout=0.0)
         out[offset:offset + length] = piece[0]
@@ -371,9 +368,8 @@ class BatchingEngine:
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=lm.device)
         prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
         if 0 < len(prefix) < self.max_tokens // 2:
-            for first in range(0, len(prefix), PREFILL_CHUNK):
-                length = min(PREFILL_CHUNK, len(prefix) - first)
-                self._forward([], [(prefix, self._prefix_slot, first, length)])
+            self._forward([], [(prefix, self._prefix_slot, first, min(PREFILL_CHUNK, len(prefix) - first))
+                               for first in range(0, len(prefix), PREFILL_CHUNK)])
             self.prefix = list(prefix)
         logger.info("Engine: %d slots; a pass computes at least %d rows (fewer round differently here)",
                     self.max_batch, self.min_rows)
@@ -517,7 +513,10 @@ class BatchingEngine:
             positions += [template[0]] * pad
         chunks = []
         for prompt, row, first, length in pieces:
-            chunks.append((len(tokens), length, row, first))
+            stop = first + length
+            # Each of the piece's tokens attends over its row up to itself; built once for every layer.
+            causal = torch.arange(stop, device=dev)[None, :] <= torch.arange(first, stop, device=dev)[:, None]
+            chunks.append((len(tokens), length, row, first, causal[None, None]))
             tokens += prompt[first:first + length]
             rows += [row] * length
             positions += range(first, first + length)
@@ -525,7 +524,7 @@ class BatchingEngine:
                 keep.append(len(tokens) - 1)
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
-        plan = PassPlan(len(decoding), self._decode_groups(decoding), chunks)
+        plan = PassPlan(self._decode_groups(decoding), chunks)
         ids = torch.tensor(tokens, device=dev)[None]
         pos = torch.tensor(positions, device=dev)[None]
         out = lm.model(input_ids=ids, position_ids=pos, attention_mask=self._no_mask, cache=self.cache,
