@@ -498,7 +498,8 @@ class BatchingEngine:
         keep = list(range(len(decoding)))  # the positions whose logits are wanted: not the throw-away rows'
         for row, (length, token, _) in enumerate(decoding):
             tokens.append(token), rows.append(row), positions.append(length)
-        if len(decoding) + sum(p[3] for p in pieces) < self.min_rows:
+        piece_tokens = sum(length for *_, length in pieces)
+        if len(decoding) + piece_tokens < self.min_rows:
             # Matrix products over few rows may take another kernel and round
             # differently (oneDNN over one bfloat16 row, MKL over a few float32
             # rows), which would make a lone request's greedy text differ from
@@ -506,7 +507,7 @@ class BatchingEngine:
             # decoding row, written to the scratch row) keep every pass at the
             # measured minimum.
             template = decoding[0] if decoding else (0, pieces[0][0][0], self._span(0))
-            pad = self.min_rows - len(decoding) - sum(p[3] for p in pieces)
+            pad = self.min_rows - len(decoding) - piece_tokens
             decoding = decoding + [template] * pad
             tokens += [template[1]] * pad
             rows += [self._scratch_slot] * pad
@@ -517,10 +518,10 @@ class BatchingEngine:
             # Each of the piece's tokens attends over its row up to itself; built once for every layer.
             causal = torch.arange(stop, device=dev)[None, :] <= torch.arange(first, stop, device=dev)[:, None]
             chunks.append((len(tokens), length, row, first, causal[None, None]))
-            tokens += prompt[first:first + length]
+            tokens += prompt[first:stop]
             rows += [row] * length
-            positions += range(first, first + length)
-            if first + length == len(prompt):
+            positions += range(first, stop)
+            if stop == len(prompt):
                 keep.append(len(tokens) - 1)
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))

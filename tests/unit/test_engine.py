@@ -37,6 +37,20 @@ def ids(loaded, prompt: str, system: str = SYSTEM) -> list[int]:
     return build_prompt_ids(loaded.tokenizer, system, [{"role": "user", "content": prompt}], 400)
 
 
+def bicycle_conversation(loaded, reply: str) -> list[int]:
+    """A three-turn conversation whose length grows with the assistant's ``reply``."""
+    history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
+               {"role": "assistant", "content": reply},
+               {"role": "user", "content": "And what came next?"}]
+    return build_prompt_ids(loaded.tokenizer, SYSTEM, history, 400)
+
+
+def wait_for_passes(engine, n: int) -> None:
+    started = engine.steps
+    while engine.steps < started + n:
+        threading.Event().wait(0.01)
+
+
 def run(engine, loaded, prompt, n=24, **kw):
     pieces: list[str] = []
     result = engine.generate(ids(loaded, prompt), GenerationParams(n, **kw), pieces.append)
@@ -65,14 +79,9 @@ def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
 
 def test_rows_of_different_spans_decode_as_they_would_alone(engine, loaded):
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
-    def long_prompt(repeats: int) -> list[int]:
-        history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
-                   {"role": "assistant", "content": "Bicycles appeared in the nineteenth century " * repeats},
-                   {"role": "user", "content": "And what came next?"}]
-        return build_prompt_ids(loaded.tokenizer, SYSTEM, history, 400)
-
     # A prompt that starts in the second span bucket and leaves it while decoding.
-    long_ids = max((long_prompt(n) for n in range(1, 40)),
+    long_ids = max((bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century " * n)
+                    for n in range(1, 40)),
                    key=lambda p: len(p) if len(p) < 2 * SPAN_BUCKET - 8 else 0)
     assert 2 * SPAN_BUCKET - 40 < len(long_ids) < 2 * SPAN_BUCKET - 8
     alone_long = engine.generate(long_ids, GenerationParams(40), lambda s: None).text
@@ -99,9 +108,7 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
         tiny = ids(eng.loaded, PROMPTS[0])[-3:]
         tiny_alone = eng.generate(tiny, GenerationParams(12), lambda s: None).text
         decoding = eng.submit(ids(eng.loaded, PROMPTS[1]), GenerationParams(30), lambda s: None)
-        started = eng.steps
-        while eng.steps < started + 3:
-            threading.Event().wait(0.01)
+        wait_for_passes(eng, 3)
         assert eng.generate(tiny, GenerationParams(12), lambda s: None).text == tiny_alone
         assert decoding.result(120).text == run(eng, eng.loaded, PROMPTS[1], n=30).text
     finally:
@@ -116,8 +123,7 @@ def test_requests_join_and_leave_between_steps(engine, loaded):
     """
     started = engine.steps
     long_first = engine.submit(ids(loaded, PROMPTS[1]), GenerationParams(40), lambda s: None)
-    while engine.steps < started + 5:
-        threading.Event().wait(0.01)
+    wait_for_passes(engine, 5)
     short = [engine.submit(ids(loaded, p), GenerationParams(3 + i), lambda s: None) for i, p in enumerate(PROMPTS[2:5])]
     short_results = [f.result(120) for f in short]
     assert [r.completion_tokens for r in short_results] == [3, 4, 5]
@@ -164,10 +170,7 @@ def test_temperature_samples_per_request(engine, loaded):
 
 def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(engine, loaded):
     """A prompt of several pieces, its pieces spread over passes that also decode and start other requests."""
-    history = [{"role": "user", "content": "Tell me about the history of the bicycle in Europe."},
-               {"role": "assistant", "content": "Bicycles appeared in the nineteenth century. " * 30},
-               {"role": "user", "content": "And what came next?"}]
-    long_ids = build_prompt_ids(loaded.tokenizer, SYSTEM, history, 400)
+    long_ids = bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century. " * 30)
     assert len(long_ids) - len(engine.prefix) > 2 * PREFILL_CHUNK
     assert len(long_ids) - len(engine.prefix) > engine.prefill_tokens_per_pass  # more than one pass
     alone_long = engine.generate(long_ids, GenerationParams(24), lambda s: None).text
