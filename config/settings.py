@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     torch_threads: int = 0
     prepack: bool = True
+    fuse_projections: bool = True
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)

@@ -147,7 +147,7 @@ class Bench:
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
             w.stop()
 
-            w = self.workers("generate() baseline, 1 worker", 1, engine="generate")
+            w = self.workers("generate() baseline, 1 worker", 1, engine="generate", fuse_projections=False)
             b16 = self.load("baseline", lambda: loadgen.closed_loop(self.url, 16, self.n(16), NEW_TOKENS))
             b1 = self.load("baseline", lambda: loadgen.closed_loop(self.url, 1, self.n(8), NEW_TOKENS))
             out["baseline"] = {"c1": b1, "c16": b16}
@@ -243,7 +243,9 @@ def markdown(out: dict) -> str:
         f"- dtype `{g['dtype']}` ({g['dtype_reason']}), {g['torch_threads']} torch threads, {g['kernels']}",
         "- the engine's own figures come from `python -m scripts.bench_probe engine` (no stack), generate() alone "
         "from `python -m scripts.bench_probe generate` and the gauge from `python -m scripts.bench_probe gauge`, "
-        "each in a process of its own; all three load the model as a worker does",
+        "each in a process of its own; the gauge and the engine load the model as a batching worker does, "
+        "generate() as the baseline worker does: the same dtype, threads and prepacked linear layers, with "
+        f"transformers' own attention and MLP modules ({out['generate_alone']['kernels']})",
         f"- raw gauge (bare forward pass of that model with transformers' DynamicCache and SDPA, best of three): "
         f"{g['raw_step1_ms']:.1f} ms a step at batch 1 "
         f"({g['raw_tps1']:.1f} tok/s), {g['raw_step16_ms']:.1f} ms at batch 16 ({g['raw_tps16']:.1f} tok/s); "

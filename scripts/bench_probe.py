@@ -44,12 +44,12 @@ def raw_step(loaded, batch: int, prompt_len: int = 40, steps: int = 48) -> float
     with torch.inference_mode():
         ids = torch.randint(100, 5000, (batch, prompt_len), device=loaded.device)
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         times = []
         for _ in range(steps):
             t = _synced(loaded.device)
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             times.append(_synced(loaded.device) - t)
     return statistics.median(times)
@@ -74,8 +74,8 @@ def lone(engine, all_ids: list[list[int]]) -> dict:
     return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
 
 
-def loader(threads: int):
-    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+def loader(threads: int, fuse: bool = True):
+    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse)
 
 
 def gauge(threads: int) -> dict:
@@ -96,10 +96,10 @@ def gauge(threads: int) -> dict:
 
 
 def generate(threads: int) -> dict:
-    """One generate() per request, on the engine's thread as in a worker."""
-    eng = GenerateEngine(loader(threads)).start()
+    """One generate() per request, on the engine's thread as in a worker, on transformers' own layers."""
+    eng = GenerateEngine(loader(threads, fuse=False)).start()
     try:
-        return lone(eng, prompts(eng.loaded))
+        return {**lone(eng, prompts(eng.loaded)), "kernels": eng.loaded.kernels}
     finally:
         eng.stop()
 

@@ -50,7 +50,7 @@ def _start(sender=None, **_):
 
     def load():  # on the engine's own thread: the one that runs the model
         return load_model(settings.model, settings.device, settings.dtype, settings.torch_threads,
-                          settings.max_batch if settings.prepack else 0)
+                          settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
     if settings.engine == "batching":
         engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,

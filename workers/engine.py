@@ -12,11 +12,14 @@ result; the callback runs on the engine's thread and must be quick.
 - :class:`GenerateEngine` is the baseline: one ``model.generate()`` call per
   request, one at a time.
 
-What transformers ships and what is written here: the model's own forward
-pass, rotary embeddings and SDPA (for pieces of prompts) do the work;
-decoding rows' attention is :func:`ragged_attention`, registered with
-transformers' ``AttentionInterface``, and the vocabulary projection runs only
-on the rows that need logits (``logits_to_keep``). transformers' own
+What transformers ships and what is written here: the model's own modules
+(embedding, norms, linear layers, activation) and SDPA (for pieces of
+prompts) do the work. Decoding rows attend through :func:`attend`. A model
+whose Llama layers were fused (:mod:`workers.fusion`) runs them in
+:class:`workers.fusion.LlamaPass`, the same operations without transformers'
+forward around them; any other model runs through its own forward, with
+:func:`ragged_attention` registered in transformers' ``AttentionInterface``
+and logits only for the rows that need them (``logits_to_keep``). transformers' own
 continuous batching (``init_continuous_batching``) applies one generation
 config to every request (no per-request temperature) and its paged cache was
 slower than a padded batch on CPU, so the scheduling and the KV cache are
@@ -40,6 +43,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from workers.fusion import LlamaPass
 from workers.kernels import invariant_rows
 from workers.model import LoadedModel
 
@@ -136,14 +140,15 @@ class PassPlan:
     chunks: list[tuple[int, int, int, int, torch.Tensor]]
 
 
-def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     ragged_plan: PassPlan | None = None, **kwargs):
-    """Attention for a pass that mixes decoding rows and pieces of prompts.
+def attend(module, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: PassPlan,
+           scale: float) -> torch.Tensor:
+    """Attention for a pass that mixes decoding rows and pieces of prompts; (tokens, heads, head dim).
 
-    The pass is one sequence (batch of one) of every token it computes, so
-    the linear layers read their weights once for decoding rows and new
-    prompts together; only attention is split. Keys and values are the whole
-    cache (:class:`RaggedKVCache`).
+    ``rows`` are the pass's queries (tokens, heads, head dim); ``key`` and
+    ``value`` the layer's whole cache (:class:`RaggedKVCache`), this pass's
+    keys and values already in. The pass is one sequence (batch of one) of
+    every token it computes, so the linear layers read their weights once for
+    decoding rows and new prompts together; only attention is split.
 
     A decoding row attends over its own length rounded up to a bucket
     (:data:`SPAN_BUCKET`), whatever its neighbours: one call over the batch's
@@ -154,19 +159,12 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     products and a float32 softmax run several times faster on CPU than SDPA
     with a mask. A prompt's piece goes through transformers' SDPA attention
     over its own row, so its arithmetic depends on the prompt alone.
-
-    Without a plan (``generate()`` on the same model) this is plain SDPA.
     """
-    if ragged_plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    _, heads, tokens, dim = query.shape
+    tokens, heads, dim = rows.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    scale = scaling if scaling is not None else dim ** -0.5
-    rows = query[0].transpose(0, 1)  # (tokens, heads, dim)
-    out = query.new_empty(tokens, heads, dim)
-    for start, stop, span, bias in ragged_plan.decode_groups:
+    out = rows.new_empty(tokens, heads, dim)
+    for start, stop, span, bias in plan.decode_groups:
         n = (stop - start) * kv_heads
         q = rows[start:stop].reshape(n, group, dim)
         k = key[start:stop, :, :span].reshape(n, span, dim)
@@ -174,12 +172,26 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # bias: 0 to attend, -inf beyond the row
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         torch.bmm(probs, v, out=out[start:stop].view(n, group, dim))
-    for offset, length, row, first, causal in ragged_plan.chunks:
+    for offset, length, row, first, causal in plan.chunks:
         stop = first + length
-        piece, _ = sdpa_attention_forward(module, query[:, :, offset:offset + length], key[row:row + 1, :, :stop],
-                                          value[row:row + 1, :, :stop], causal, scaling=scale, dropout=0.0)
+        piece, _ = sdpa_attention_forward(module, rows[offset:offset + length].transpose(0, 1)[None],
+                                          key[row:row + 1, :, :stop], value[row:row + 1, :, :stop], causal,
+                                          scaling=scale, dropout=0.0)
         out[offset:offset + length] = piece[0]
-    return out[None], None
+    return out
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     ragged_plan: PassPlan | None = None, **kwargs):
+    """:func:`attend` as a transformers attention function, for models the engine runs through their forward.
+
+    Without a plan (``generate()`` on the same model) this is plain SDPA.
+    """
+    if ragged_plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend(module, query[0].transpose(0, 1), key, value, ragged_plan, scale)[None], None
 
 
 AttentionInterface.register("ragged", ragged_attention)
@@ -208,14 +220,18 @@ class RaggedKVCache:
         _, heads, tokens, _ = self.keys[0].shape
         self._flat = ((rows * heads * tokens + positions)[:, None] + self._head_offsets).reshape(-1)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store a layer's keys and values of the pass, each (tokens, heads, dim), where :meth:`plan` said."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
         dim = k.shape[-1]
-        # key: (1, heads, tokens, dim) -> (tokens * heads, dim), token-major as the index is.
-        k.view(-1, dim).index_copy_(0, self._flat, key[0].transpose(0, 1).reshape(-1, dim))
-        v.view(-1, dim).index_copy_(0, self._flat, value[0].transpose(0, 1).reshape(-1, dim))
+        k.view(-1, dim).index_copy_(0, self._flat, key.reshape(-1, dim))
+        v.view(-1, dim).index_copy_(0, self._flat, value.reshape(-1, dim))
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """The transformers cache interface: key and value (1, heads, tokens, dim); returns the whole cache."""
+        self.write(layer_idx, key[0].transpose(0, 1), value[0].transpose(0, 1))
         # The whole cache: ragged_attention slices each row's positions itself.
-        return k, v
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def swap(self, a: int, b: int, length: int) -> None:
         """Exchange the first ``length`` positions of slots ``a`` and ``b``."""
@@ -354,8 +370,11 @@ class BatchingEngine:
         cfg = lm.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_heads = cfg.num_key_value_heads
+        self._scale = head_dim ** -0.5
         self._vocab = lm.model.get_input_embeddings().num_embeddings
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
+        # Fused Llama layers run in a lean pass of their own; any other model through its forward.
+        self._lean = LlamaPass.of(lm.model, self.max_tokens)
         most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK)  # the most rows a pass computes
         self.min_rows = invariant_rows(lm.model, self.max_batch, most)
         self._slots = max(self.max_batch, self.min_rows)
@@ -371,8 +390,9 @@ class BatchingEngine:
             self._forward([], [(prefix, self._prefix_slot, first, min(PREFILL_CHUNK, len(prefix) - first))
                                for first in range(0, len(prefix), PREFILL_CHUNK)])
             self.prefix = list(prefix)
-        logger.info("Engine: %d slots; a pass computes at least %d rows (fewer round differently here)",
-                    self.max_batch, self.min_rows)
+        logger.info("Engine: %d slots; a pass computes at least %d rows (fewer round differently here); %s",
+                    self.max_batch, self.min_rows,
+                    "lean Llama pass" if self._lean else "passes through the model's forward")
 
     def _admit(self) -> None:
         """Give waiting requests free rows; their prompts are computed by the coming passes."""
@@ -526,10 +546,15 @@ class BatchingEngine:
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
         plan = PassPlan(self._decode_groups(decoding), chunks)
-        ids = torch.tensor(tokens, device=dev)[None]
-        pos = torch.tensor(positions, device=dev)[None]
-        out = lm.model(input_ids=ids, position_ids=pos, attention_mask=self._no_mask, cache=self.cache,
-                       use_cache=True, ragged_plan=plan, logits_to_keep=torch.tensor(keep or [0], device=dev))
+        ids = torch.tensor(tokens, device=dev)
+        pos = torch.tensor(positions, device=dev)
+        keep = torch.tensor(keep or [0], device=dev)
+        if self._lean is not None:
+            cache = self.cache
+            return self._lean(ids, pos, cache.write, lambda layer, module, queries: attend(
+                module, queries, cache.keys[layer], cache.values[layer], plan, self._scale), keep)
+        out = lm.model(input_ids=ids[None], position_ids=pos[None], attention_mask=self._no_mask, cache=self.cache,
+                       use_cache=True, ragged_plan=plan, logits_to_keep=keep)
         return out.logits[0]
 
     def _decode_groups(self, decoding: list[tuple[int, int, int]]) -> list[tuple[int, int, int, torch.Tensor]]:

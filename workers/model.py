@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.fusion import fuse_projections
 from workers.kernels import pack_linears
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,13 @@ def pick_dtype(setting: str, device: torch.device, flags: set[str] | None = None
 
 
 def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str = "auto",
-               torch_threads: int = 0, prepack_rows: int = 16) -> LoadedModel:
+               torch_threads: int = 0, prepack_rows: int = 16, fuse: bool = True) -> LoadedModel:
     """Load tokenizer and model from a local folder (or a cached model id) and log how.
 
-    ``prepack_rows`` > 0 prepacks a CPU model's linear layers for batches of
-    about that many rows (:func:`workers.kernels.pack_linears`); 0 leaves them plain.
+    ``fuse`` stacks each Llama layer's query/key/value and gate/up projections
+    (:func:`workers.fusion.fuse_projections`). ``prepack_rows`` > 0 prepacks a
+    CPU model's linear layers for batches of about that many rows
+    (:func:`workers.kernels.pack_linears`); 0 leaves them plain.
     """
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -90,7 +93,9 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
         logger.exception("Could not load model %s on %s", model_id, device)
         raise
     model.eval()
-    kernels = pack_linears(model, prepack_rows) if prepack_rows > 0 else "plain linear layers (prepacking off)"
+    fusion = fuse_projections(model) if fuse else "projections as transformers ships them (fusing off)"
+    packing = pack_linears(model, prepack_rows) if prepack_rows > 0 else "plain linear layers (prepacking off)"
+    kernels = f"{fusion}, {packing}"
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     context_len = int(getattr(model.config, "max_position_embeddings", 2048))

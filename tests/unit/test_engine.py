@@ -59,15 +59,19 @@ def run(engine, loaded, prompt, n=24, **kw):
 
 
 def test_greedy_answer_alone_matches_generate(engine, loaded):
+    """The engine (fused projections, ragged cache) answers as generate() on transformers' own layers does."""
+    assert "fused in 60 modules" in loaded.kernels
     result = run(engine, loaded, PROMPTS[0])
     assert result.text == "The capital of France is Paris."
     assert result.finish_reason == "stop"
-    generate = GenerateEngine(loaded).start()
+    generate = GenerateEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), fuse=False)).start()
     try:
         baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
+        longer = generate.generate(ids(loaded, PROMPTS[1]), GenerationParams(48), lambda s: None)
     finally:
         generate.stop()
     assert baseline.text == result.text and baseline.completion_tokens == result.completion_tokens
+    assert run(engine, loaded, PROMPTS[1], 48).text == longer.text
 
 
 def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
@@ -111,6 +115,25 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
         wait_for_passes(eng, 3)
         assert eng.generate(tiny, GenerationParams(12), lambda s: None).text == tiny_alone
         assert decoding.result(120).text == run(eng, eng.loaded, PROMPTS[1], n=30).text
+    finally:
+        eng.stop()
+
+
+def test_a_model_without_fused_layers_runs_through_its_own_forward_and_answers_alike(engine, loaded):
+    """transformers' forward with the ragged attention function: the same text as the lean pass, in any batch."""
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), fuse=False), max_batch=8, max_tokens=512,
+                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    try:
+        assert eng._lean is None and engine._lean is not None
+        long_prompt = bicycle_conversation(loaded, "Bicycles spread across Europe in the 1800s. " * 20)
+        assert len(long_prompt) - len(eng.prefix) > 2 * PREFILL_CHUNK  # three pieces
+        want = [run(engine, loaded, p, n=16).text for p in PROMPTS[:3]]
+        want_long = engine.generate(long_prompt, GenerationParams(16), lambda s: None).text
+        futures = [eng.submit(ids(loaded, p), GenerationParams(16), lambda s: None) for p in PROMPTS[:3]]
+        wait_for_passes(eng, 2)
+        got_long = eng.generate(long_prompt, GenerationParams(16), lambda s: None).text
+        assert [f.result(120).text for f in futures] == want
+        assert got_long == want_long
     finally:
         eng.stop()
 
