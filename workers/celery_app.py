@@ -52,22 +52,24 @@ def _start(sender=None, **_):
         return load_model(settings.model, settings.device, settings.dtype, settings.torch_threads,
                           settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
+    redis_client = streams.connect(settings.resolved_redis_url)
+    relay = TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
     if settings.engine == "batching":
         engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
                                 prefill_tokens_per_pass=settings.prefill_tokens_per_pass,
-                                shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt)).start()
+                                shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt),
+                                after_pass=relay.flush).start()
     else:
-        engine = GenerateEngine(load).start()
+        engine = GenerateEngine(load, after_pass=relay.flush).start()
     loaded = engine.loaded
     logger.info("Engine %s: %d slots, %d task threads", settings.engine,
                 settings.max_batch if settings.engine == "batching" else 1, settings.resolved_worker_concurrency)
     _runtime["engine"] = engine
-    redis_client = streams.connect(settings.resolved_redis_url)
     store = Store(settings.resolved_database_url, settings.resolved_replica_url,
                   pool_size=min(settings.resolved_worker_concurrency, 10) + 1)
     _runtime["handler"] = RequestHandler(
         store, functools.partial(streams.stream_events, redis_client),
-        TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen), CancelWatcher(redis_client),
+        relay, CancelWatcher(redis_client),
         engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),

@@ -273,8 +273,10 @@ class BatchingEngine:
     """
 
     def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
-                 prefill_tokens_per_pass: int = 256, shared_prefix: Callable[[object], list[int]] | None = None):
+                 prefill_tokens_per_pass: int = 256, shared_prefix: Callable[[object], list[int]] | None = None,
+                 after_pass: Callable[[], None] = lambda: None):
         self._model_source = model
+        self._after_pass = after_pass  # called on the engine thread once a pass's text is handed out
         # The tokens every prompt starts with (the system prompt, templated), given
         # the tokenizer: their keys and values are computed once and copied in.
         self._shared_prefix = shared_prefix
@@ -354,6 +356,7 @@ class BatchingEngine:
                     self._admit()
                     if self._active or self._filling:
                         self._step()
+                        self._after_pass()
                 except Exception as exc:
                     # A failed pass fails every request in it; the engine keeps serving.
                     logger.exception("Engine step failed")
@@ -633,8 +636,9 @@ def _fail(reqs: list[_Request], exc: BaseException) -> None:
 class _TextStreamer:
     """A ``generate()`` streamer for one row: decodes each new token and passes the text on."""
 
-    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[str], None], eos_ids: frozenset[int]):
-        self.decoder, self.emit, self.eos_ids = decoder, emit, eos_ids
+    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[str], None], eos_ids: frozenset[int],
+                 after_pass: Callable[[], None]):
+        self.decoder, self.emit, self.eos_ids, self.after_pass = decoder, emit, eos_ids, after_pass
         self.prompt_seen = False
         self.first_at: float | None = None
 
@@ -647,6 +651,7 @@ class _TextStreamer:
         for token in value.reshape(-1).tolist():
             if token not in self.eos_ids:
                 self.emit(self.decoder.push(token))
+        self.after_pass()
 
     def end(self) -> None:
         self.emit(self.decoder.flush())
@@ -655,8 +660,9 @@ class _TextStreamer:
 class GenerateEngine:
     """The baseline: one ``model.generate()`` per request, one request at a time, on a thread of its own."""
 
-    def __init__(self, model: ModelSource):
+    def __init__(self, model: ModelSource, after_pass: Callable[[], None] = lambda: None):
         self._model_source = model
+        self._after_pass = after_pass  # called once each token's text is handed out
         self.loaded: LoadedModel | None = None
         self.context_limit = 0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
@@ -691,7 +697,7 @@ class GenerateEngine:
                 pieces.append(piece)
                 on_text(piece)
 
-        streamer = _TextStreamer(IncrementalDecoder(lm.tokenizer), emit, lm.eos_ids)
+        streamer = _TextStreamer(IncrementalDecoder(lm.tokenizer), emit, lm.eos_ids, self._after_pass)
         budget = min(params.max_new_tokens, self.context_limit - len(prompt_ids))
         sample = params.temperature > 0
         with torch.inference_mode():

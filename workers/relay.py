@@ -1,8 +1,9 @@
 """The worker's side of Redis while it generates: token frames out, cancel flags in.
 
 The engine thread must not wait on Redis once per token per request, so frames
-are queued here and written by one thread, each batch in one pipeline, in the
-order they were queued (a request's `done` always follows its tokens). Cancel
+are queued here and written by one thread, a forward pass's frames in one
+pipeline, in the order they were queued (a request's `done` always follows
+its tokens). Cancel
 flags of the requests in flight are read by one thread, all in one round trip.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 
@@ -22,32 +22,48 @@ logger = logging.getLogger(__name__)
 
 
 class TokenRelay:
-    """Writes frames to their request streams in batches, in order, retrying while Redis is away."""
+    """Writes frames to their request streams in batches, in order, retrying while Redis is away.
 
-    def __init__(self, client: redis.Redis, ttl_s: int, maxlen: int):
+    Frames wait for :meth:`flush`, which the engine calls once after each
+    forward pass: a pass's frames for every request then go out in one
+    pipeline, one round trip, instead of one each as they are queued (which
+    woke this thread, Redis and the readers once per frame). A frame sent
+    with ``wait`` flushes at once; nothing waits longer than ``max_delay_s``.
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int, maxlen: int, max_delay_s: float = 0.1):
         self.client = client
         self.ttl_s = ttl_s
         self.maxlen = maxlen
-        self._queue: queue.Queue = queue.Queue()
+        self.max_delay_s = max_delay_s
+        self._pending: list = []
+        self._lock = threading.Lock()
+        self._flush = threading.Event()
         self._thread = threading.Thread(target=self._run, name="token-relay", daemon=True)
         self._thread.start()
 
     def send(self, request_id: str, frame: dict, wait: bool = False, timeout: float | None = None) -> None:
-        """Queue a frame; with ``wait``, return once it (and all before it) is in Redis, or after ``timeout`` s."""
+        """Queue a frame; with ``wait``, write it (and all before it) now and return once it is in Redis,
+        or after ``timeout`` s."""
         written = threading.Event() if wait else None
-        self._queue.put((request_id, json.dumps(frame, ensure_ascii=False), written))
+        with self._lock:
+            self._pending.append((request_id, json.dumps(frame, ensure_ascii=False), written))
         if written is not None:
+            self._flush.set()
             written.wait(timeout)
+
+    def flush(self) -> None:
+        """Write what is queued now (from the engine's thread: it does not wait for the write)."""
+        self._flush.set()
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._write(batch)
+            self._flush.wait(self.max_delay_s)
+            self._flush.clear()
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
 
     def _write(self, batch: list) -> None:
         delay = 0.1
