@@ -245,7 +245,7 @@ def markdown(out: dict) -> str:
         "from `python -m scripts.bench_probe generate` and the gauge from `python -m scripts.bench_probe gauge`, "
         "each in a process of its own; the gauge and the engine load the model as a batching worker does, "
         "generate() as the baseline worker does: the same dtype, threads and prepacked linear layers, with "
-        f"transformers' own attention and MLP modules ({out['generate_alone']['kernels']})",
+        f"transformers' own attention and MLP modules: {out['generate_alone']['kernels']}",
         f"- raw gauge (bare forward pass of that model with transformers' DynamicCache and SDPA, best of three): "
         f"{g['raw_step1_ms']:.1f} ms a step at batch 1 "
         f"({g['raw_tps1']:.1f} tok/s), {g['raw_step16_ms']:.1f} ms at batch 16 ({g['raw_tps16']:.1f} tok/s); "
