@@ -9,9 +9,17 @@ the last write so that a reconnecting client can resume. Workers write them
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 STREAM_PREFIX = "stream:"
 CANCEL_PREFIX = "cancel:"
@@ -42,27 +50,128 @@ def request_cancel(client: redis.Redis, request_id: str, ttl_s: int) -> None:
     client.set(cancel_key(request_id), "1", ex=ttl_s)
 
 
-def follow(client: redis.Redis, request_id: str, after_seq: int = -1, block_ms: int = 1000,
+def _entry_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One follower of one stream: its frames (or the error that ended them) arrive on ``inbox``."""
+
+    key: str
+    last_id: str = "0-0"
+    inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+
+class StreamHub:
+    """One blocking XREAD for every stream a web process follows, on one thread.
+
+    A follower per stream, each blocked in its own XREAD, woke itself, Redis
+    and a round trip once per token; here one read returns the frames of a
+    whole forward pass (the worker writes them in one pipeline) and hands each
+    to its follower's queue. A new follower wakes the reader through the hub's
+    own stream (``hub:<id>``), so it waits for no timeout. If a read fails,
+    every follower gets the error and the hub starts again with those that
+    come next.
+    """
+
+    def __init__(self, client: redis.Redis, block_ms: int = 1000, wake_ttl_s: int = 3600):
+        self.client = client
+        self.block_ms = block_ms
+        self.wake_ttl_s = wake_ttl_s
+        self._wake_key = f"hub:{uuid.uuid4().hex}"
+        self._wake_id = "0-0"
+        self._subs: dict[str, list[Subscription]] = {}
+        self._lock = threading.Lock()
+        self._followed = threading.Event()  # set when a follower comes
+        self._thread: threading.Thread | None = None
+
+    def subscribe(self, request_id: str) -> Subscription:
+        """Follow the request's stream from its start; raises RedisError where Redis cannot be reached."""
+        sub = Subscription(stream_key(request_id))
+        with self._lock:
+            self._subs.setdefault(sub.key, []).append(sub)
+            self._followed.set()
+            if self._thread is None:  # started in the process that serves (after any fork)
+                self._thread = threading.Thread(target=self._run, name="stream-hub", daemon=True)
+                self._thread.start()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"wake": "1"}, maxlen=1)
+            pipe.expire(self._wake_key, self.wake_ttl_s)
+            pipe.execute()
+        except redis.RedisError:
+            self.unsubscribe(sub)
+            raise
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.key, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subs.pop(sub.key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                # One read position per stream: the earliest of its followers'.
+                wanted = {key: min((s.last_id for s in subs), key=_entry_id) for key, subs in self._subs.items()}
+                if not wanted:
+                    self._followed.clear()
+            if not wanted:  # nothing to read until somebody follows a stream
+                self._followed.wait()
+                continue
+            try:
+                reply = self.client.xread({self._wake_key: self._wake_id, **wanted}, block=self.block_ms, count=256)
+            except redis.RedisError as exc:
+                logger.error("Reading token streams failed: %s", exc)
+                with self._lock:
+                    failed = [s for subs in self._subs.values() for s in subs]
+                    self._subs.clear()
+                for sub in failed:
+                    sub.inbox.put(exc)
+                time.sleep(0.5)
+                continue
+            for key, entries in reply or []:
+                if key == self._wake_key:
+                    self._wake_id = entries[-1][0]
+                    continue
+                with self._lock:
+                    subs = list(self._subs.get(key, []))
+                for entry_id, fields in entries:
+                    frame = json.loads(fields["frame"])
+                    for sub in subs:
+                        if _entry_id(entry_id) > _entry_id(sub.last_id):
+                            sub.last_id = entry_id
+                            sub.inbox.put(frame)
+
+
+def follow(hub: StreamHub, request_id: str, after_seq: int = -1, wait_s: float = 1.0,
            stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:
     """Yield the request's frames with seq > ``after_seq``, live, until its `done`.
 
-    ``stop()`` is asked between blocking reads (at least every ``block_ms``):
-    true ends the generator, as when the client's socket has gone.
+    ``stop()`` is asked at least every ``wait_s``: true ends the generator, as
+    when the client's socket has gone. A failed read raises its RedisError.
     """
-    key = stream_key(request_id)
-    last_id = "0-0"
-    while not stop():
-        reply = client.xread({key: last_id}, block=block_ms, count=256)
-        if not reply:
-            continue
-        for entry_id, fields in reply[0][1]:
-            last_id = entry_id
-            frame = json.loads(fields["frame"])
-            if frame["type"] == "token" and frame["seq"] <= after_seq:
+    sub = hub.subscribe(request_id)
+    try:
+        while not stop():
+            try:
+                item = sub.inbox.get(timeout=wait_s)
+            except queue.Empty:
                 continue
-            yield frame
-            if frame["type"] == "done":
+            if isinstance(item, Exception):
+                raise item
+            if item["type"] == "token" and item["seq"] <= after_seq:
+                continue
+            yield item
+            if item["type"] == "done":
                 return
+    finally:
+        hub.unsubscribe(sub)
 
 
 def beat(client: redis.Redis, name: str, info: dict, ttl_s: int) -> None:

@@ -24,6 +24,7 @@ class Services:
     store: Store
     redis: object
     queue: QueueClient
+    hub: streams.StreamHub
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                     pool_size=min(settings.web_threads, 20)),
         redis=redis_client,
         queue=QueueClient(settings, redis_client),
+        hub=streams.StreamHub(redis_client),
     )
     app.before_request(check_origin_and_identify)
     sock.init_app(app)

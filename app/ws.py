@@ -142,7 +142,7 @@ class Connection:
 
     def _forward(self, request_id: str, after_seq: int, stop: threading.Event) -> None:
         try:
-            for frame in streams.follow(self.svc.redis, request_id, after_seq, stop=stop.is_set):
+            for frame in streams.follow(self.svc.hub, request_id, after_seq, stop=stop.is_set):
                 self.send(frame, follower=stop)
         except ConnectionClosed:
             pass

@@ -373,7 +373,6 @@ class BatchingEngine:
         cfg = lm.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_heads = cfg.num_key_value_heads
-        self._scale = head_dim ** -0.5
         self._vocab = lm.model.get_input_embeddings().num_embeddings
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
         # Fused Llama layers run in a lean pass of their own; any other model through its forward.
@@ -555,7 +554,7 @@ class BatchingEngine:
         if self._lean is not None:
             cache = self.cache
             return self._lean(ids, pos, cache.write, lambda layer, module, queries: attend(
-                module, queries, cache.keys[layer], cache.values[layer], plan, self._scale), keep)
+                module, queries, cache.keys[layer], cache.values[layer], plan, module.scaling), keep)
         out = lm.model(input_ids=ids[None], position_ids=pos[None], attention_mask=self._no_mask, cache=self.cache,
                        use_cache=True, ragged_plan=plan, logits_to_keep=keep)
         return out.logits[0]
