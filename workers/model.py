@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -72,6 +73,18 @@ def pick_dtype(setting: str, device: torch.device, flags: set[str] | None = None
     return torch.float32, "CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bfloat16 would be emulated"
 
 
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading, stacking and prepacking replace each weight with a new copy;
+    glibc keeps the freed memory mapped, about 0.4-0.7 GB here.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str = "auto",
                torch_threads: int = 0, prepack_rows: int = 16, fuse: bool = True) -> LoadedModel:
     """Load tokenizer and model from a local folder (or a cached model id) and log how.
@@ -96,6 +109,7 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
     fusion = fuse_projections(model) if fuse else "projections as transformers ships them (fusing off)"
     packing = pack_linears(model, prepack_rows) if prepack_rows > 0 else "plain linear layers (prepacking off)"
     kernels = f"{fusion}, {packing}"
+    release_freed_memory()
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     context_len = int(getattr(model.config, "max_position_embeddings", 2048))
