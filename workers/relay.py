@@ -3,8 +3,8 @@
 The engine thread must not wait on Redis once per token per request, so frames
 are queued here and written by one thread, a forward pass's frames in one
 pipeline, in the order they were queued (a request's `done` always follows
-its tokens). Cancel
-flags of the requests in flight are read by one thread, all in one round trip.
+its tokens). Cancel flags of the requests in flight are read by one thread,
+all in one round trip.
 """
 
 from __future__ import annotations
