@@ -123,6 +123,10 @@ class LlamaPass:
     about a tenth of a pass at batch 1 here. This runs the same operations in
     the same order on the same weights (the logits come out bit for bit as
     the model's forward gives them) with rotary angles read from a table.
+    The norm, rotary and MLP arithmetic is written out here rather than called
+    through ``LlamaRMSNorm``, ``apply_rotary_pos_emb`` and :class:`FusedGatedMLP`:
+    those 121 calls a pass cost about 2% of a step (measured both ways, same
+    thread, alternated).
     """
 
     def __init__(self, model: nn.Module, max_tokens: int):
