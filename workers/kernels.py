@@ -30,9 +30,16 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for input that already is (rows, in_features)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def on_rows(linear: nn.Module):
+    """A function of (rows, in_features) input that computes ``linear``, without module call overhead where it can."""
+    return linear.rows if isinstance(linear, PackedLinear) else linear
 
 
 def _linears(model: nn.Module):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from workers.fusion import FusedGatedMLP, FusedLlamaAttention, LlamaPass, fuse_projections
 from workers.kernels import pack_linears
@@ -81,9 +82,12 @@ def test_layers_already_prepacked_are_not_stacked():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_lean_pass_gives_the_logits_of_the_models_forward(bias):
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_lean_pass_gives_the_logits_of_the_models_forward(bias, packed):
     model = tiny_llama(bias)
     fuse_projections(model)
+    if packed:  # the pass calls prepacked layers on its rows directly
+        assert pack_linears(model, 16).endswith("prepacked for oneDNN")
     lean = LlamaPass.of(model, 64)
     assert lean is not None
     ids = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(2))
@@ -103,6 +107,29 @@ def test_the_lean_pass_gives_the_logits_of_the_models_forward(bias):
         keep = torch.tensor([0, 5, 10])
         got = lean(ids, torch.arange(11), write, attend, keep)
     assert torch.allclose(got, want[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_pass_norms_and_rotates_bit_for_bit_as_transformers_does(dtype):
+    model = tiny_llama(False).to(dtype)
+    fuse_projections(model)
+    lean = LlamaPass.of(model, 128)
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 64, generator=generator).to(dtype)
+    with torch.inference_mode():
+        for norm, taken in ((model.model.layers[1].post_attention_layernorm, lean.layers[1].post_norm),
+                            (model.model.norm, lean.final_norm)):
+            assert torch.equal(lean._rms(taken, hidden), norm(hidden))
+        positions = torch.tensor([0, 1, 7, 64, 100, 127])
+        heads, kv_heads, dim = 4, 2, 16
+        query = torch.randn(6, heads, dim, generator=generator).to(dtype)
+        key = torch.randn(6, kv_heads, dim, generator=generator).to(dtype)
+        cos, sin = model.model.rotary_emb(hidden[None], positions[None])
+        want_q, want_k = apply_rotary_pos_emb(query.transpose(0, 1)[None], key.transpose(0, 1)[None], cos, sin)
+        turned = lean._rotate(torch.cat((query, key), dim=1), lean.cos[positions][:, None],
+                              lean.signed_sin[positions][:, None])
+    assert torch.equal(turned[:, :heads], want_q[0].transpose(0, 1))
+    assert torch.equal(turned[:, heads:], want_k[0].transpose(0, 1))
 
 
 def test_the_lean_pass_takes_only_fused_llama_layers_with_fixed_rotary_angles():
