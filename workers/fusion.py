@@ -161,7 +161,7 @@ class LlamaPass:
         dtype = self.embed.weight.dtype
         self.cos = (angles.cos() * rotary.attention_scaling).to(dtype)
         sin = (angles.sin() * rotary.attention_scaling).to(dtype)
-        half = self.head_dim // 2
+        self.half = half = self.head_dim // 2
         # rotate_half(x) is (-x2, x1): times sin, that is (x2, x1) times (-sin1, sin2).
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
@@ -188,8 +188,9 @@ class LlamaPass:
         return weight * (h if self.float32 else h.to(x.dtype))
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``apply_rotary_pos_emb`` on heads (tokens, heads, head dim); ``cos`` and ``sin`` rows of the tables."""
-        return x * cos + x.roll(self.head_dim // 2, -1) * sin
+        """``apply_rotary_pos_emb`` on heads (tokens, heads, head dim); ``cos`` and ``sin`` are rows of
+        ``self.cos`` and ``self.signed_sin``."""
+        return x * cos + x.roll(self.half, -1) * sin
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, write, attend, keep: torch.Tensor) -> torch.Tensor:
         """Logits of the tokens at ``keep``, for ``ids`` at ``positions`` (one token each, any rows).
