@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from select import POLLIN, POLLPRI, poll
 
 from sqlalchemy import (
     JSON,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     delete,
+    event,
     func,
     literal,
     or_,
@@ -36,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Delete, Executable, Insert, Update
 
@@ -144,9 +146,11 @@ class Store:
     """All SQL of both tiers."""
 
     def __init__(self, primary_url: str, replica_url: str, pool_size: int = 5):
-        kw = {"pool_pre_ping": True, "pool_size": pool_size, "max_overflow": 10, "connect_args": {"connect_timeout": 3}}
+        kw = {"pool_size": pool_size, "max_overflow": 10, "connect_args": {"connect_timeout": 3}}
         self.primary: Engine = create_engine(primary_url, **kw)
         self.replica: Engine = create_engine(replica_url, **kw)
+        for engine in (self.primary, self.replica):
+            event.listen(engine, "checkout", _drop_if_hung_up)
         self._sessions = sessionmaker(class_=RoutingSession, expire_on_commit=False)
 
     @contextlib.contextmanager
@@ -275,6 +279,39 @@ class Store:
             s.execute(Conversation.__table__.update().where(Conversation.id == conversation_id)
                       .values(updated_at=func.now()))
             return s.scalar(select(Message.id).where(Message.request_id == request_id, Message.role == "assistant"))
+
+
+def hung_up(dbapi_connection) -> bool:
+    """Whether the server has ended this idle connection, seen without a round trip.
+
+    An idle connection's socket has nothing to read until the server ends it:
+    a restart, ``pg_terminate_backend`` or an idle timeout sends an error and
+    closes the socket, and a crash closes it. Either makes it readable. (A
+    notice or parameter report would too; such a connection is dropped as
+    well, which costs one reconnect.)
+    """
+    try:
+        if dbapi_connection.closed:
+            return True
+        fd = dbapi_connection.fileno()
+    except Exception:  # the driver no longer has a socket for it
+        return True
+    poller = poll()  # not select(): a web process with many sockets has descriptors past 1024
+    poller.register(fd, POLLIN | POLLPRI)
+    return bool(poller.poll(0))
+
+
+def _drop_if_hung_up(dbapi_connection, connection_record, connection_proxy) -> None:
+    """On checkout from the pool: a connection the server has ended is replaced by a fresh one.
+
+    SQLAlchemy's ``pool_pre_ping`` does this with a round trip to the server on
+    every checkout, which cost about 0.3 ms of each chat message's way to its
+    first token, in the web and again in the worker. Raising DisconnectionError
+    here makes the pool open a new connection instead (SQLAlchemy's documented
+    pessimistic disconnect handling through the ``checkout`` event).
+    """
+    if hung_up(dbapi_connection):
+        raise DisconnectionError("the server has closed this pooled connection")
 
 
 def _accept_statement(conversation) -> Select:

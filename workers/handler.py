@@ -33,8 +33,13 @@ class RequestHandler:
         self.system_prompt = system_prompt
         self.default_max_new_tokens = default_max_new_tokens
 
-    def handle(self, request_id: str) -> str:
-        """Serve the request once; a repeat (redelivery) finishes what is missing. Returns the finish reason."""
+    def handle(self, request_id: str, repeat: bool = True) -> str:
+        """Serve the request once; a repeat (redelivery, retry) finishes what is missing. Returns the finish reason.
+
+        ``repeat=False`` says that no worker has taken this request before, so
+        its stream is still empty: reading it is skipped, a round trip less
+        before the first token.
+        """
         req = self.store.prompt_request(request_id)
         if req is None:
             # Its conversation was deleted while it waited: nothing to answer.
@@ -42,8 +47,8 @@ class RequestHandler:
             self.relay.send(request_id, done_frame(request_id, None, "cancelled", 0, 0), wait=True)
             return "cancelled"
 
-        earlier = self.events(request_id)
         stored = req.reply
+        earlier = self.events(request_id) if repeat or stored is not None else []
         if stored is not None:
             # Stored before a crash, but perhaps not announced: announce it once.
             if not any(e["type"] == "done" for e in earlier):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from app.storage import NotFound, Store
+from app.storage import NotFound, Store, hung_up
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +85,59 @@ def test_a_repeated_client_id_returns_the_first_request_and_writes_nothing(stack
     # The same key from another caller is theirs alone.
     other = store.accept_chat("owner-f", "Once", None, "key-7", {})
     assert other.created and other.request_id != first.request_id
+
+
+def _backend_pid(engine) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+
+def _terminate(connect, pid: int) -> None:
+    with connect() as conn:
+        assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        deadline = time.monotonic() + 10
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, f"backend {pid} still there"
+            time.sleep(0.02)
+
+
+def _messages_or_none(store, owner: str, conversation_id: str) -> list:
+    try:
+        return store.list_messages(owner, conversation_id)
+    except NotFound:  # not on the replica yet
+        return []
+
+
+def test_pooled_connections_the_server_ended_are_replaced_without_an_error(stack):
+    # One connection per pool, so that each checkout gets the same one back while it lives.
+    store = Store(stack.settings.resolved_database_url, stack.settings.resolved_replica_url, pool_size=1)
+    try:
+        first = store.accept_chat("owner-g", "Before", None, None, {})
+        primary_pid, replica_pid = _backend_pid(store.primary), _backend_pid(store.replica)
+        # A live idle connection is kept: the check on checkout costs no reconnect.
+        assert (_backend_pid(store.primary), _backend_pid(store.replica)) == (primary_pid, replica_pid)
+
+        # The server ends both pooled connections, as a restart or an idle timeout would.
+        _terminate(stack.primary, primary_pid)
+        _terminate(stack.replica, replica_pid)
+
+        # The next statements go through on fresh connections, at their first try.
+        second = store.accept_chat("owner-g", "After", first.conversation_id, None, {})
+        assert [m["content"] for m in store.prompt_request(second.request_id).history] == ["Before", "After"]
+        assert _backend_pid(store.primary) != primary_pid
+        deadline = time.monotonic() + 10
+        while len(_messages_or_none(store, "owner-g", first.conversation_id)) < 2:  # the replica catches up
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _backend_pid(store.replica) != replica_pid
+    finally:
+        store.primary.dispose()
+        store.replica.dispose()
+
+
+def test_hung_up_tells_an_ended_connection_from_an_idle_one(stack):
+    with stack.primary() as conn:
+        conn.execute("SELECT 1")
+        assert not hung_up(conn)
+        _terminate(stack.primary, conn.info.backend_pid)
+        assert hung_up(conn)
