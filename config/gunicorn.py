@@ -1,5 +1,8 @@
 """gunicorn settings for the web tier: ``gunicorn -c config/gunicorn.py 'app.web:create_app()'``."""
 
+import logging
+
+from config.heap import freeze_heap
 from config.settings import Settings
 
 _settings = Settings()
@@ -17,3 +20,8 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+
+
+def post_worker_init(worker):
+    """Once the app is loaded in the serving process: its long-lived objects out of full collections."""
+    logging.getLogger("app.web").info("%d long-lived objects taken out of full garbage collections", freeze_heap())

@@ -15,6 +15,7 @@ from celery.signals import worker_init, worker_shutdown
 from app import streams
 from app.storage import Store
 from config.celery import celery_config
+from config.heap import freeze_heap
 from config.logging import configure_logging
 from config.settings import Settings
 
@@ -71,6 +72,7 @@ def _start(sender=None, **_):
         store, functools.partial(streams.stream_events, redis_client),
         relay, CancelWatcher(redis_client),
         engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
+    logger.info("%d long-lived objects taken out of full garbage collections", freeze_heap())
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
