@@ -166,6 +166,11 @@ class Store:
         finally:
             s.close()
 
+    def dispose(self) -> None:
+        """Close every pooled connection to both servers."""
+        self.primary.dispose()
+        self.replica.dispose()
+
     def ping(self, which: str) -> None:
         engine = self.primary if which == "primary" else self.replica
         with engine.connect() as conn:

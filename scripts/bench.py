@@ -182,26 +182,34 @@ class Bench:
         return out
 
 
+def _busy_tps(run: dict) -> float:
+    """Tokens/s while every chat of a closed-loop run is in flight (the whole run's where it has no such stretch)."""
+    return run["saturated_tokens_per_s"] or run["tokens_per_s"]
+
+
+def _raw16(gauges: list[dict]) -> float:
+    return statistics.mean(x["raw_tps16"] for x in gauges)
+
+
 def ratios(out: dict) -> dict:
     g = out["gauge_before"]
     # While all 16 chats are in flight: the ramp-up and the drain at the ends are not 16 chats.
     c16_runs = (out["stack"]["c16"], out["stack_c16_again"])
-    s16 = statistics.mean(r["saturated_tokens_per_s"] or r["tokens_per_s"] for r in c16_runs)
+    s16 = statistics.mean(_busy_tps(r) for r in c16_runs)
     # The batching worker's lone runs on either side of the generate() worker's.
     lone_itl = round(statistics.mean(r["itl_ms"]["p50"] for r in (out["stack"]["c1"], out["stack_c1_again"])), 1)
     # The machine drifts during a run: the stack is set against the mean of the gauges taken beside its run.
-    raw16 = statistics.mean(x["raw_tps16"] for x in out["gauge_beside_c16"])
+    raw16 = _raw16(out["gauge_beside_c16"])
     return {
         "raw16_mean_tps": round(raw16, 1),
         "stack_c16_over_raw16": round(s16 / raw16, 2),
         "engine_alone16_over_raw16": round(out["engine_alone"]["batch16_tps"] / raw16, 2),
         "lone_itl_engine_over_generate_alone": round(statistics.mean(e / g for e, g in out["lone_itl_pairs_ms"]), 2),
         "lone_itl_stack_over_baseline_stack": round(lone_itl / out["baseline"]["c1"]["itl_ms"]["p50"], 2),
-        "stack_c16_over_baseline_c16": round(s16 / (out["baseline"]["c16"]["saturated_tokens_per_s"]
-                                                    or out["baseline"]["c16"]["tokens_per_s"]), 2),
+        "stack_c16_over_baseline_c16": round(s16 / _busy_tps(out["baseline"]["c16"]), 2),
         "stack_c16_whole_run_over_raw16": round(statistics.mean(r["tokens_per_s"] for r in c16_runs) / raw16, 2),
-        "stack_c16_runs_over_raw16": [round((r["saturated_tokens_per_s"] or r["tokens_per_s"]) / statistics.mean(
-            x["raw_tps16"] for x in out["gauge_beside_c16"][i:i + 2]), 2) for i, r in enumerate(c16_runs)],
+        "stack_c16_runs_over_raw16": [round(_busy_tps(r) / _raw16(out["gauge_beside_c16"][i:i + 2]), 2)
+                                      for i, r in enumerate(c16_runs)],
         "lone_itl_stack_ms": lone_itl,
         "lone_itl_engine_ms": round(statistics.mean(e for e, _ in out["lone_itl_pairs_ms"]), 1),
         "lone_itl_generate_ms": round(statistics.mean(g for _, g in out["lone_itl_pairs_ms"]), 1),

@@ -56,5 +56,4 @@ def test_a_restored_request_goes_on_after_what_was_streamed(stack):
     finally:
         app.control.cancel_consumer(settings.queue, reply=True, timeout=5)
         client.close()
-        store.primary.dispose()
-        store.replica.dispose()
+        store.dispose()

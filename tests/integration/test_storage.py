@@ -15,8 +15,7 @@ pytestmark = pytest.mark.integration
 def store(stack):
     s = Store(stack.settings.resolved_database_url, stack.settings.resolved_replica_url, pool_size=2)
     yield s
-    s.primary.dispose()
-    s.replica.dispose()
+    s.dispose()
 
 
 def rows_of(stack, conversation_id: str) -> tuple[int, int, int]:
@@ -131,8 +130,7 @@ def test_pooled_connections_the_server_ended_are_replaced_without_an_error(stack
             time.sleep(0.05)
         assert _backend_pid(store.replica) != replica_pid
     finally:
-        store.primary.dispose()
-        store.replica.dispose()
+        store.dispose()
 
 
 def test_hung_up_tells_an_ended_connection_from_an_idle_one(stack):
