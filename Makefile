@@ -7,7 +7,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 
-.PHONY: setup deps run test bench clean
+.PHONY: setup deps cpu run test bench clean
 
 setup: deps $(VENV)/.installed $(MODEL_DIR)/.converted
 
@@ -26,7 +26,11 @@ $(MODEL_DIR)/.converted: | $(VENV)/.installed
 run: setup
 	$(PYTHON) -m scripts.run
 
-test: setup
+# The CPU's name and vector flags first: the engine's dtype and kernels depend on them.
+cpu:
+	@$(PY) -m workers.cpu
+
+test: cpu setup
 	$(PYTHON) -m pytest
 
 bench: setup

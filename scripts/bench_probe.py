@@ -20,7 +20,8 @@ from transformers import DynamicCache
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from scripts.loadgen import PROMPTS
 from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
-from workers.model import cpu_flags, load_model
+from workers.cpu import NATIVE_BF16, cpu_flags
+from workers.model import load_model
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
 SYSTEM = Settings().system_prompt  # what the workers use
@@ -87,7 +88,7 @@ def gauge(threads: int) -> dict:
     return {
         "device": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+        "cpu_bf16_flags": sorted(cpu_flags() & NATIVE_BF16),
         "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
         "kernels": loaded.kernels, "torch_threads": torch.get_num_threads(),
         "raw_step1_ms": 1000 * step1, "raw_tps1": 1 / step1,

@@ -13,7 +13,8 @@ import time
 
 from config.logging import configure_logging
 from config.settings import Settings
-from scripts.services import PostgresPair, migrate, start_flower, start_launcher, start_redis, start_web
+from scripts.services import (PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis,
+                             start_web)
 from workers.launch import visible_gpus
 
 logger = logging.getLogger("run")
@@ -34,6 +35,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
     try:
+        pg.check_reachable()  # before anything starts
         logger.info("Starting Redis on port %d", settings.redis_port)
         started.append(start_redis(settings.redis_port, data / "redis", logs))
         logger.info("Starting PostgreSQL primary on %d and replica on %d", settings.primary_port,
@@ -61,6 +63,9 @@ def main() -> int:
     except KeyboardInterrupt:
         logger.info("Stopping")
         return 0
+    except SetupError as exc:
+        logger.error("Cannot start: %s", exc)
+        return 1
     except Exception:
         logger.exception("Start-up failed")
         return 1

@@ -130,6 +130,10 @@ def pg_bin() -> Path:
     raise RuntimeError("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin)")
 
 
+class SetupError(RuntimeError):
+    """The machine needs a change before the stack can start; the message says which, and how."""
+
+
 def _as_postgres(argv: list[str]) -> list[str]:
     # PostgreSQL refuses to run as root.
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
@@ -157,16 +161,25 @@ class PostgresPair:
     def url(self, port: int) -> str:
         return f"postgresql+psycopg://chat@127.0.0.1:{port}/chat"
 
+    def check_reachable(self) -> None:
+        """Started as root, PostgreSQL runs as the ``postgres`` user, who must be able to walk into the data
+        folder: say how to make that so where some folder above it is closed to other users."""
+        if os.geteuid() != 0:
+            return
+        closed = [p for p in reversed(self.root.resolve().parents) if p.exists() and not p.stat().st_mode & 0o001]
+        if closed:
+            raise SetupError(
+                f"PostgreSQL runs as the postgres user, who cannot reach its data folder {self.root}: "
+                f"{closed[0]} is closed to other users (mode {oct(closed[0].stat().st_mode & 0o777)}). Either let "
+                f"that user through with `chmod o+x {' '.join(map(str, closed))}`, or keep the data in a folder it "
+                f"can reach, for example `CHAT_DATA_DIR=/var/lib/chatqueue make run`.")
+
     def _prepare_root(self) -> None:
+        self.check_reachable()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
-            # The postgres user must be able to reach the folder.
-            for parent in self.root.parents:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    raise RuntimeError(f"{parent} is not searchable by the postgres user; use another data folder")
 
     def _conf(self, port: int) -> str:
         lines = [f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.root}'",

@@ -30,6 +30,19 @@ from scripts.services import (
 )
 
 
+def pytest_report_header(config) -> list[str]:
+    """Which kind of machine this is: the engine's dtype, kernels and rounding depend on its CPU."""
+    import torch
+
+    from workers.cpu import describe
+    from workers.model import pick_dtype
+
+    dtype, why = pick_dtype("auto", torch.device("cpu"))
+    return [describe(), f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                        f"{torch.get_num_threads()} threads; engine dtype (CHAT_DTYPE=auto): "
+                        f"{str(dtype).removeprefix('torch.')} ({why})"]
+
+
 @dataclass
 class Stack:
     settings: Settings

@@ -44,7 +44,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from workers.fusion import LlamaPass
-from workers.kernels import invariant_rows
+from workers.kernels import pad_linears
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ logger = logging.getLogger(__name__)
 SPAN_BUCKET = 64
 # A prompt is computed in pieces of this many tokens, cut at fixed places.
 PREFILL_CHUNK = 128
+# The real tokens of the start-up check that whole passes compute a row alike alone and beside others.
+CHECK_TEXT = ("A request's greedy text must not depend on what else shares its batch. Each piece of this "
+              "paragraph is computed in a row of its own, then decoded alone and beside the others, and the "
+              "logits of every row are compared bit for bit, so that any operation which rounds differently "
+              "by the number of rows it computes is found before the first request arrives.")
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,8 @@ class BatchingEngine:
         self.max_tokens = max_tokens
         self.prefill_tokens_per_pass = max(prefill_tokens_per_pass, 1)
         self.cache: RaggedKVCache | None = None
-        self.min_rows = 1  # measured on the engine thread: see _forward
+        self.min_rows = 1  # measured on the engine thread: see _forward and _least_pass_rows
+        self.padded: dict[str, int] = {}  # least rows of each kind of linear layer (pad_linears)
         self._vocab = 0
         self._ready = threading.Event()
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
@@ -375,11 +381,11 @@ class BatchingEngine:
         self._kv_heads = cfg.num_key_value_heads
         self._vocab = lm.model.get_input_embeddings().num_embeddings
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
+        most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK)  # the most rows a pass computes
+        self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings())
         # Fused Llama layers run in a lean pass of their own; any other model through its forward.
         self._lean = LlamaPass.of(lm.model, self.max_tokens)
-        most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK)  # the most rows a pass computes
-        self.min_rows = invariant_rows(lm.model, self.max_batch, most)
-        self._slots = max(self.max_batch, self.min_rows)
+        self._slots = self.max_batch
         # Two more rows: the shared prefix's keys and values, and a scratch row
         # that the throw-away rows of a short pass write to.
         self.cache = RaggedKVCache(cfg.num_hidden_layers, self._slots + 2, cfg.num_key_value_heads,
@@ -387,14 +393,62 @@ class BatchingEngine:
         self._prefix_slot, self._scratch_slot = self._slots, self._slots + 1
         # A 4-D mask is used as given: ragged_attention masks by its plan instead.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=lm.device)
+        self.min_rows = self._least_pass_rows()
         prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
         if 0 < len(prefix) < self.max_tokens // 2:
             self._forward([], [(prefix, self._prefix_slot, first, min(PREFILL_CHUNK, len(prefix) - first))
                                for first in range(0, len(prefix), PREFILL_CHUNK)])
             self.prefix = list(prefix)
-        logger.info("Engine: %d slots; a pass computes at least %d rows (fewer round differently here); %s",
-                    self.max_batch, self.min_rows,
-                    "lean Llama pass" if self._lean else "passes through the model's forward")
+        padded = ", ".join(f"{kind} from {rows} rows" for kind, rows in self.padded.items() if rows > 1)
+        logger.info("Engine: %d slots; %s; %s; whole passes give a row's logits alike alone and in a batch "
+                    "from %d rows", self.max_batch, "lean Llama pass" if self._lean else
+                    "passes through the model's forward", f"linear layers padded: {padded}" if padded else
+                    "no linear layer rounds by row count", self.min_rows)
+
+    def _least_pass_rows(self) -> int:
+        """The fewest rows to pad a pass to so that whole passes give every row's logits alike alone and beside others.
+
+        :func:`workers.kernels.pad_linears` has padded the linear layers that
+        round by row count; this checks the rest of a pass too (attention over
+        groups of rows, norms, the vocabulary projection, whatever else the
+        model runs). Should a pass still differ, it is padded with throw-away
+        rows, to ever more of them until it does not.
+        """
+        counts = [1] + [n for n in (2, 4, 8, 16, 32, 64) if n < self.max_batch] + [self.max_batch]
+        for rows in counts:
+            self.min_rows = rows
+            if self._passes_alike():
+                return rows
+        logger.error("Whole passes gave a row different logits alone and in a batch at every padding up to %d rows: "
+                     "greedy text may depend on the batch", self.max_batch)
+        return self.max_batch
+
+    def _passes_alike(self) -> bool:
+        """Whether real token rows get bit for bit the same logits alone as beside others, in decoding and in prompts.
+
+        Pieces of :data:`CHECK_TEXT` of different lengths (spans of more than
+        one bucket among them) fill one cache row each, in passes of their
+        own. Then one pass decodes every row together, and each row is decoded
+        alone; a last pass computes the last piece again beside the other rows
+        decoding.
+        """
+        text = self.loaded.tokenizer.encode(CHECK_TEXT, add_special_tokens=False)
+        n = min(self.max_batch, 8)
+        lengths = [min(5 + 9 * (n - 1 - i), self.max_tokens - 2, PREFILL_CHUNK) for i in range(n)]  # longest first
+        text = text * -(-(max(lengths) + n + 1) // len(text))
+        prompts = [text[i:i + length] for i, length in enumerate(lengths)]
+        rows = [(length, text[i + length], self._span(length)) for i, length in enumerate(lengths)]
+        prefilled = [self._forward([], [(p, row, 0, len(p))])[0] for row, p in enumerate(prompts)]
+        together = self._forward(rows, [])[:n]
+        alike = True
+        for row in range(n):
+            if row:  # a lone decoding row is cache row 0
+                self.cache.swap(0, row, max(lengths) + 1)
+            alike &= torch.equal(self._forward(rows[row:row + 1], [])[0], together[row])
+            if row:
+                self.cache.swap(0, row, max(lengths) + 1)
+        beside = self._forward(rows[:-1], [(prompts[-1], n - 1, 0, lengths[-1])])
+        return alike and torch.equal(beside[:n - 1], together[:n - 1]) and torch.equal(beside[n - 1], prefilled[-1])
 
     def _admit(self) -> None:
         """Give waiting requests free rows; their prompts are computed by the coming passes."""

@@ -1,4 +1,4 @@
-"""Faster CPU linear layers, and a measurement of which batch sizes compute a row alike.
+"""Faster CPU linear layers, and linear layers that compute a row alike whatever its neighbours.
 
 On CPU a plain ``nn.Linear`` calls the BLAS gemm every step, which repacks the
 weights each call and switches kernels by the number of rows: on a 2-core
@@ -8,10 +8,16 @@ blocked layout, as ``torch.compile``'s CPU freezing does, through the same
 ``torch.ops.mkldnn`` operators used here. There a step is mostly the cost of
 reading the weights once, whatever the rows.
 
-Greedy text must not depend on what else shares a batch, so the engine pads
-small batches to the fewest rows from which every larger batch computes each
-row bit for bit the same; :func:`invariant_rows` measures that number on the
-machine at hand rather than assuming it.
+Greedy text must not depend on what else shares a batch, yet a matrix
+product may take another kernel for a few rows and round differently (oneDNN's
+bfloat16 kernel over one row, in a few outputs of some rows only; MKL over a
+few float32 rows). :func:`pad_linears` measures, layer shape by layer shape,
+the fewest rows from which every row of a large random block comes out bit
+for bit alike at every row count a pass may have, and wraps the layers that
+need more than one row in :class:`PaddedRows`: a call over fewer rows is
+padded up to that many. Only those layers pay for the padding, not the whole
+pass. The engine then checks whole passes of the model (see
+``BatchingEngine``), which also covers everything that is not a linear layer.
 """
 
 from __future__ import annotations
@@ -37,16 +43,43 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class PaddedRows(nn.Module):
+    """A linear layer that is never called on fewer than ``least`` rows.
+
+    Fewer rows are padded with copies of the first and the copies' results
+    dropped: the layer's kernel for few rows rounds differently from the one
+    for more, so a row computed alone would differ from the same row in a batch.
+    """
+
+    def __init__(self, layer: nn.Module, least: int):
+        super().__init__()
+        self.layer, self.least = layer, least
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._rows = on_rows(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for input that already is (rows, in_features)."""
+        n = x.shape[0]
+        if n >= self.least:
+            return self._rows(x)
+        return self._rows(torch.cat((x, x[:1].expand(self.least - n, -1))))[:n]
+
+
 def on_rows(linear: nn.Module):
     """A function of (rows, in_features) input that computes ``linear``, without module call overhead where it can."""
-    return linear.rows if isinstance(linear, PackedLinear) else linear
+    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows)) else linear
 
 
-def _linears(model: nn.Module):
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, (nn.Linear, PackedLinear)):
-                yield parent, name, child
+def _linears(module: nn.Module):
+    """(parent, name, layer) of every linear layer below ``module``, a padded one as one layer."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows)):
+            yield module, name, child
+        else:
+            yield from _linears(child)
 
 
 def pack_linears(model: nn.Module, batch_hint: int) -> str:
@@ -80,34 +113,65 @@ def pack_linears(model: nn.Module, batch_hint: int) -> str:
     return f"{len(swaps)} linear layers prepacked for oneDNN"
 
 
-def invariant_rows(model: nn.Module, max_rows: int, most_rows: int | None = None) -> int:
-    """The fewest rows from which every batch up to ``most_rows`` computes each row exactly alike.
+def row_counts(rows: int, most_rows: int) -> list[int]:
+    """The row counts a layer is measured at: every count up to ``rows`` (decoding rows), then
+    doublings of it up to ``most_rows`` (a pass that also computes pieces of prompts)."""
+    counts = list(range(1, rows + 1))
+    while counts[-1] * 2 < most_rows:
+        counts.append(counts[-1] * 2)
+    return sorted({*counts, max(most_rows, rows)})
 
-    Tried on every distinct linear layer shape of the model with random input,
-    at every size up to ``max_rows`` (decoding rows) and at doublings of it up
-    to ``most_rows`` (a pass that also computes pieces of prompts); a pass
-    with fewer rows is padded up to this many.
+
+# Outputs compared per row count (enough for a rounding that strikes one output in 10,000), in at most so many rows.
+_PROBE_OUTPUTS, _PROBE_ROWS = 1 << 18, 1024
+
+
+def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
+    """The fewest rows from which ``layer`` computes every row of a large random block alike at each of ``counts``.
+
+    The block is computed in groups of each count (every row of it, not only
+    the first: a kernel may round differently in a few outputs of some rows),
+    and each group is compared bit for bit with the same rows computed in
+    groups of the largest count.
     """
-    most_rows = max(most_rows or max_rows, max_rows)
-    sizes = list(range(1, max_rows + 1))
-    while sizes[-1] * 2 < most_rows:
-        sizes.append(sizes[-1] * 2)
-    sizes = sorted({*sizes, most_rows}, reverse=True)
-    seen, rows = set(), 1
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    most = counts[-1]
+    block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
+    block = -(-block // most) * most  # whole groups of the largest count
+    weight = layer.packed if isinstance(layer, PackedLinear) else layer.weight
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
+    layer = on_rows(layer)
     with torch.inference_mode():
-        for _, _, layer in _linears(model):
-            shape = (layer.in_features, layer.out_features)
-            if shape in seen:
-                continue
-            seen.add(shape)
-            weight = layer.packed if isinstance(layer, PackedLinear) else layer.weight
-            x = torch.randn(most_rows, layer.in_features, generator=generator).to(weight.device, weight.dtype)
-            full = layer(x)
-            m = most_rows
-            for size in sizes[1:]:
-                if not torch.equal(layer(x[:size].contiguous()), full[:size]):
-                    break
-                m = size
-            rows = max(rows, m)
-    return rows
+        want = torch.cat([layer(x[i:i + most]) for i in range(0, block, most)])
+        least = most
+        for count in reversed(counts[:-1]):
+            whole = block // count * count
+            got = torch.cat([layer(x[i:i + count]) for i in range(0, whole, count)])
+            if not torch.equal(got, want[:whole]):
+                break
+            least = count
+    return least
+
+
+def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, int]:
+    """Measure every kind of linear layer of ``model`` and pad those that round by row count; return
+    ``{"<class> <in>x<out>": least rows}`` for each kind.
+
+    A pass computes up to ``rows`` decoding rows plus pieces of prompts, at
+    most ``most_rows`` in all; the vocabulary projection ``head`` only ever
+    sees the decoding rows. Layers of one class and shape share a kernel, so
+    one of each is measured. Calling this again measures again (the wrapped
+    layer itself) and pads anew.
+    """
+    found, swaps = {}, []
+    for parent, name, layer in _linears(model):
+        bare = layer.layer if isinstance(layer, PaddedRows) else layer
+        is_head = layer is head or bare is head
+        kind = f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
+        if kind not in found:
+            counts = row_counts(rows, rows if is_head else most_rows)
+            found[kind] = least_rows(bare, counts)
+        swaps.append((parent, name, bare, found[kind]))
+    for parent, name, bare, least in swaps:
+        setattr(parent, name, PaddedRows(bare, least) if least > 1 else bare)
+    return found

@@ -6,11 +6,11 @@ import ctypes
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.cpu import NATIVE_BF16, cpu_flags
 from workers.fusion import fuse_projections
 from workers.kernels import pack_linears
 
@@ -32,31 +32,28 @@ class LoadedModel:
     kernels: str = "plain linear layers"
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def pick_device(setting: str) -> torch.device:
     if setting != "auto":
         return torch.device(setting)
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def onednn_takes_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 with the CPU's own instructions here (``ONEDNN_MAX_CPU_ISA`` may forbid it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.mkldnn.is_available()
+
+
 def pick_dtype(setting: str, device: torch.device, flags: set[str] | None = None,
-               cuda_bf16: bool | None = None) -> tuple[torch.dtype, str]:
+               cuda_bf16: bool | None = None, onednn_bf16: bool | None = None) -> tuple[torch.dtype, str]:
     """Choose the weights' dtype and say why.
 
     bfloat16 where the hardware does it natively; float32 on CPUs that only
-    emulate it (a batch decodes about 1.8x slower there than in float32).
+    emulate it (a batch decodes about 1.8x slower there than in float32), and
+    where oneDNN is kept from the CPU's bfloat16 instructions
+    (``ONEDNN_MAX_CPU_ISA=AVX2`` makes an AVX-512 machine compute as an AVX2 one).
     """
     if setting != "auto":
         return DTYPES[setting], f"set to {setting}"
@@ -67,10 +64,13 @@ def pick_dtype(setting: str, device: torch.device, flags: set[str] | None = None
             return torch.bfloat16, "GPU supports bfloat16"
         return torch.float16, "GPU lacks bfloat16, using float16"
     flags = cpu_flags() if flags is None else flags
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if native:
-        return torch.bfloat16, f"CPU has native bfloat16 ({', '.join(native)})"
-    return torch.float32, "CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bfloat16 would be emulated"
+    native = sorted(flags & NATIVE_BF16)
+    if not native:
+        return torch.float32, "CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bfloat16 would be emulated"
+    if not (onednn_takes_bf16() if onednn_bf16 is None else onednn_bf16):
+        return torch.float32, (f"CPU has native bfloat16 ({', '.join(native)}) but oneDNN may not use it here "
+                               "(ONEDNN_MAX_CPU_ISA): bfloat16 would be emulated")
+    return torch.bfloat16, f"CPU has native bfloat16 ({', '.join(native)})"
 
 
 def release_freed_memory() -> None:

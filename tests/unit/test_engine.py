@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
+from torch import nn
 
 from config.settings import DEFAULT_MODEL_DIR
 from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
-from workers.model import load_model
+from workers.kernels import PaddedRows, pad_linears
+from workers.model import LoadedModel, load_model, pick_dtype
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
 PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step by step.",
@@ -16,13 +19,39 @@ PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step 
            "How does a bicycle work?", "Write a haiku about autumn.", "What is 2+2?", "Name three primary colours."]
 
 
+# The dtypes the engine picks on CPU: float32, and bfloat16 (native with avx512_bf16 or amx_bf16, emulated
+# elsewhere). The tests of batch invariance run in both, whatever this machine picks.
+DTYPES = ["float32", "bfloat16"]
+
+
 @pytest.fixture(scope="module")
-def engine():
-    # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached.
-    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR)), max_batch=8, max_tokens=512,
-                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
-    yield eng
-    eng.stop()
+def engines():
+    """One engine per dtype, started when first asked for."""
+    started: dict[str, BatchingEngine] = {}
+
+    def get(dtype: str) -> BatchingEngine:
+        if dtype not in started:
+            # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached.
+            started[dtype] = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype),
+                                            max_batch=8, max_tokens=512,
+                                            shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+        return started[dtype]
+
+    yield get
+    for eng in started.values():
+        eng.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(engines):
+    """The engine in the dtype a worker on this machine picks."""
+    return engines(str(pick_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch."))
+
+
+@pytest.fixture(scope="module", params=DTYPES)
+def each_dtype(request, engines):
+    """The engine in each dtype the engine may pick on a CPU, for the tests that must hold in all of them."""
+    return engines(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +87,24 @@ def run(engine, loaded, prompt, n=24, **kw):
     return result
 
 
+def padded_stock_model() -> LoadedModel:
+    """transformers' own layers, with the linear layers that round by row count padded as the engine pads them."""
+    stock = load_model(str(DEFAULT_MODEL_DIR), fuse=False)
+    pad_linears(stock.model, 1, 512, head=stock.model.get_output_embeddings())
+    return stock
+
+
 def test_greedy_answer_alone_matches_generate(engine, loaded):
-    """The engine (fused projections, ragged cache) answers as generate() on transformers' own layers does."""
+    """The engine (fused projections, ragged cache) answers as generate() on transformers' own layers does.
+
+    generate() decodes one row at a time: its linear layers are padded as
+    the engine's are, so that both compute a row as a batch computes it.
+    """
     assert "fused in 60 modules" in loaded.kernels
     result = run(engine, loaded, PROMPTS[0])
-    assert result.text == "The capital of France is Paris."
+    assert "Paris" in result.text
     assert result.finish_reason == "stop"
-    generate = GenerateEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), fuse=False)).start()
+    generate = GenerateEngine(padded_stock_model).start()
     try:
         baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
         longer = generate.generate(ids(loaded, PROMPTS[1]), GenerationParams(48), lambda s: None)
@@ -74,14 +114,16 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     assert run(engine, loaded, PROMPTS[1], 48).text == longer.text
 
 
-def test_greedy_output_does_not_depend_on_the_batch(engine, loaded):
+def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
+    engine, loaded = each_dtype, each_dtype.loaded
     alone = [run(engine, loaded, p).text for p in PROMPTS]
     futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS]
     together = [f.result(120).text for f in futures]
     assert together == alone
 
 
-def test_rows_of_different_spans_decode_as_they_would_alone(engine, loaded):
+def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
+    engine, loaded = each_dtype, each_dtype.loaded
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
     # A prompt that starts in the second span bucket and leaves it while decoding.
     long_ids = max((bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century " * n)
@@ -97,7 +139,8 @@ def test_rows_of_different_spans_decode_as_they_would_alone(engine, loaded):
 
 
 def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
-    """Plain (not prepacked) layers may round a few rows differently: the engine pads steps to its measured minimum."""
+    """Plain (not prepacked) layers are measured and padded too; a pass with fewer rows than the whole-pass
+    minimum is padded with throw-away rows."""
     eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), prepack_rows=0), max_batch=8,
                          max_tokens=256).start()
     try:
@@ -115,6 +158,45 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
         wait_for_passes(eng, 3)
         assert eng.generate(tiny, GenerationParams(12), lambda s: None).text == tiny_alone
         assert decoding.result(120).text == run(eng, eng.loaded, PROMPTS[1], n=30).text
+    finally:
+        eng.stop()
+
+
+class OtherNumbersAlone(nn.Linear):
+    """A stand-in, on any CPU, for a kernel that rounds a row differently when it is the only row: computed
+    alone, a row whose first input is positive comes out otherwise (as oneDNN's bfloat16 kernel does in a few
+    outputs of some rows, never in the first row of a block)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        rows = x.reshape(-1, self.in_features)
+        return out * 1.5 if rows.shape[0] == 1 and rows[0, 0] > 0 else out
+
+
+def with_a_layer_that_differs_alone() -> LoadedModel:
+    """The model, with layer 2's down projection (the one oneDNN rounds by row count in bfloat16) swapped for
+    :class:`OtherNumbersAlone` on the same weights."""
+    lm = load_model(str(DEFAULT_MODEL_DIR), prepack_rows=0)
+    mlp = lm.model.model.layers[2].mlp
+    down = mlp.down_proj
+    mlp.down_proj = OtherNumbersAlone(down.in_features, down.out_features, bias=False,
+                                      device=down.weight.device, dtype=down.weight.dtype)
+    mlp.down_proj.weight = down.weight
+    return lm
+
+
+def test_a_layer_that_rounds_a_lone_row_otherwise_is_found_at_start_and_padded_around():
+    eng = BatchingEngine(with_a_layer_that_differs_alone, max_batch=8, max_tokens=256).start()
+    try:
+        assert eng.padded["OtherNumbersAlone 1536x576"] == 2
+        padded = eng.loaded.model.model.layers[2].mlp.down_proj
+        assert isinstance(padded, PaddedRows) and isinstance(padded.layer, OtherNumbersAlone)
+        prompts = PROMPTS[:4]
+        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(16), lambda s: None) for p in prompts]
+        together = [f.result(120).text for f in futures]
+        assert [run(eng, eng.loaded, p, n=16).text for p in prompts] == together
+        padded.least = 1  # without the padding, a lone request's text changes: the layer does matter
+        assert [run(eng, eng.loaded, p, n=16).text for p in prompts] != together
     finally:
         eng.stop()
 
@@ -181,7 +263,8 @@ def test_a_request_cancelled_before_it_starts_makes_nothing(engine, loaded):
     assert (result.finish_reason, result.completion_tokens, result.text) == ("cancelled", 0, "")
 
 
-def test_temperature_samples_per_request(engine, loaded):
+def test_temperature_samples_per_request(each_dtype):
+    engine, loaded = each_dtype, each_dtype.loaded
     greedy = run(engine, loaded, PROMPTS[5], n=20).text
     futures = [engine.submit(ids(loaded, PROMPTS[5]), GenerationParams(20, temperature=1.5), lambda s: None)
                for _ in range(4)]
@@ -191,7 +274,8 @@ def test_temperature_samples_per_request(engine, loaded):
     assert any(t != greedy for t in texts[:-1])
 
 
-def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(engine, loaded):
+def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(each_dtype):
+    engine, loaded = each_dtype, each_dtype.loaded
     """A prompt of several pieces, its pieces spread over passes that also decode and start other requests."""
     long_ids = bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century. " * 30)
     assert len(long_ids) - len(engine.prefix) > 2 * PREFILL_CHUNK
@@ -240,10 +324,11 @@ def test_a_failing_pass_fails_its_requests_and_the_engine_serves_on(engine, load
     failed = engine.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
     with pytest.raises(RuntimeError, match="pass failed"):  # the pass's own error, not a timeout
         failed.result(60)
-    assert run(engine, loaded, PROMPTS[0]).text == "The capital of France is Paris."
+    assert "Paris" in run(engine, loaded, PROMPTS[0]).text
 
 
-def test_prompts_with_and_without_the_cached_prefix_decode_as_they_would_alone(engine, loaded):
+def test_prompts_with_and_without_the_cached_prefix_decode_as_they_would_alone(each_dtype):
+    engine, loaded = each_dtype, each_dtype.loaded
     assert engine.prefix and ids(loaded, "Hi")[:len(engine.prefix)] == engine.prefix
     other = "You answer in one short sentence."  # another system prompt: the whole prompt is computed
     prompts = [ids(loaded, p) for p in PROMPTS[:3]] + [ids(loaded, p, other) for p in PROMPTS[:3]]
@@ -251,4 +336,4 @@ def test_prompts_with_and_without_the_cached_prefix_decode_as_they_would_alone(e
     alone = [engine.generate(p, GenerationParams(24), lambda s: None).text for p in prompts]
     together = [f.result(120).text for f in [engine.submit(p, GenerationParams(24), lambda s: None) for p in prompts]]
     assert together == alone
-    assert alone[0] == "The capital of France is Paris."
+    assert "Paris" in alone[0]
