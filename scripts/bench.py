@@ -38,10 +38,11 @@ logger = logging.getLogger("bench")
 
 NEW_TOKENS = 64
 TTFT_TOKENS = 4  # replies of the run that measures the time to first token
+DTYPES = ("float32", "bfloat16")  # the engine's dtypes on a CPU (bfloat16 emulated where the CPU lacks it)
 
 
-def probe(what: str, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "scripts.bench_probe", what, str(threads)], cwd=ROOT, check=True,
+def probe(what: str, threads: int, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "scripts.bench_probe", what, str(threads), *args], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={**settings_env(Settings()), "TQDM_DISABLE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -128,6 +129,8 @@ class Bench:
             out["lone_itl_pairs_ms"].append([round(engine["lone"]["itl_ms"], 2), round(generate["itl_ms"], 2)])
             if i == 0:
                 out["generate_alone"], out["engine_alone"] = generate, engine
+        logger.info("What batch invariance costs the engine, in each dtype it picks on a CPU")
+        out["invariance"] = {dtype: probe("invariance", 0, dtype) for dtype in DTYPES}
         self.start()
         try:
             w = self.workers("batching, 1 worker", 1)
@@ -251,6 +254,29 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def invariance_section(by_dtype: dict) -> list[str]:
+    lines = [
+        "## Batch invariance: what it costs", "",
+        "`python -m scripts.bench_probe invariance 0 DTYPE`: the engine alone (no stack), 16 slots, five rounds; "
+        "in each round one lone request (64 tokens, ITL the median of its gaps) and then 16 requests at once "
+        "(32 tokens each), for each way in turn, each way first in its turn: as it runs (the kinds of linear "
+        "layer that round a row differently by row count padded to their least rows, measured at start), "
+        "unpadded (no padding at all: greedy text may then depend on the batch) and the whole pass padded to two "
+        "rows instead. Figures are medians over the rounds; a ratio is the median of the rounds' own ratios.", "",
+        "| dtype | layers padded (least rows) | measured at start | lone ITL ms: as run / unpadded / whole pass "
+        "| as run / unpadded | 16 at once tok/s: as run / unpadded / whole pass | as run / unpadded |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for dtype, inv in by_dtype.items():
+        padded = ", ".join(f"{kind}: {rows}" for kind, rows in inv["padded"].items() if rows > 1) or "none"
+        itl, tps = inv["itl_ms"], inv["batch16_tps"]
+        lines.append(f"| {dtype} ({inv['dtype_reason']}) | {padded}; whole passes from {inv['min_rows']} rows | "
+                     f"{inv['measured_at_start_s']} s | {itl['as_run']:.2f} / {itl['unpadded']:.2f} / "
+                     f"{itl['whole_pass']:.2f} | {inv['itl_as_run_over_unpadded']:.3f}x | {tps['as_run']:.1f} / "
+                     f"{tps['unpadded']:.1f} / {tps['whole_pass']:.1f} | {inv['batch16_as_run_over_unpadded']:.3f}x |")
+    return lines
+
+
 def markdown(out: dict) -> str:
     g, r = out["gauge_before"], out["ratios"]
     lines = [
@@ -299,6 +325,10 @@ def markdown(out: dict) -> str:
         f"{_yes(r['ttft_stack_minus_engine_ms'] < 15)} |",
         f"| 2 workers x 1 thread / 1 worker x 1 thread, saturated | {r['two_workers_over_one_1t']}x | ≥ 1.6x | "
         f"{_yes(r['two_workers_over_one_1t'] >= 1.6)} |",
+        *(f"| lone request ITL p50 with batch invariance / without (engine alone, {dtype}) | "
+          f"{inv['itl_as_run_over_unpadded']:.3f}x | ≤ 1.05x | {_yes(inv['itl_as_run_over_unpadded'] <= 1.05)} |"
+          for dtype, inv in out["invariance"].items()),
+        "", *invariance_section(out["invariance"]),
         "", "## Every load", "",
         "| run | offered | completed | errors | tok/s | TTFT p50 / p95 / p99 ms | ITL p50 / p95 / p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- |",

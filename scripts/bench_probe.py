@@ -3,6 +3,7 @@
     python -m scripts.bench_probe gauge     # raw forward pass at batch 1 and 16
     python -m scripts.bench_probe generate  # one generate() per request, alone
     python -m scripts.bench_probe engine    # the batching engine alone, no stack
+    python -m scripts.bench_probe invariance 0 bfloat16  # what batch invariance costs the engine in a dtype
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
 """
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from scripts.loadgen import PROMPTS
 from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
+from workers.kernels import PaddedRows
 from workers.cpu import NATIVE_BF16, cpu_flags
 from workers.model import load_model
 from workers.prompt import build_prompt_ids, shared_prefix_ids
@@ -75,8 +77,8 @@ def lone(engine, all_ids: list[list[int]]) -> dict:
     return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
 
 
-def loader(threads: int, fuse: bool = True):
-    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse)
+def loader(threads: int, fuse: bool = True, dtype: str = "auto"):
+    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse, dtype_setting=dtype)
 
 
 def gauge(threads: int) -> dict:
@@ -121,6 +123,53 @@ def engine(threads: int) -> dict:
         eng.stop()
 
 
+def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
+    """What batch invariance costs: the engine as it runs (the layers that round by row count padded), against
+    no padding at all (not invariant where a layer rounds by row count) and against every pass of fewer than
+    two rows padded whole, at batch 1 (ITL) and 16 (tok/s). Each round takes the three in turn, each first in
+    its turn; a ratio is the median of the rounds' own ratios, each taken at one speed of the machine."""
+    eng = BatchingEngine(loader(threads, dtype=dtype), max_batch=16,
+                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    padded = [m for m in eng.loaded.model.modules() if isinstance(m, PaddedRows)]
+    least, min_rows = {m: m.least for m in padded}, eng.min_rows
+
+    def use(way: str) -> None:
+        eng.min_rows = 2 if way == "whole_pass" else min_rows
+        for m in padded:
+            m.least = least[m] if way == "as_run" else 1
+
+    try:
+        all_ids = prompts(eng.loaded)
+        ways = ["as_run", "unpadded", "whole_pass"]
+        itl: dict[str, list[float]] = {w: [] for w in ways}
+        tps: dict[str, list[float]] = {w: [] for w in ways}
+        timed(eng, all_ids[0])  # warm-up
+        for r in range(rounds):
+            for way in ways[r % 3:] + ways[:r % 3]:
+                use(way)
+                itl[way].append(1000 * statistics.median(timed(eng, all_ids[r % len(all_ids)])[1]))
+                started = time.perf_counter()
+                futures = [eng.submit(all_ids[i % len(all_ids)], GenerationParams(NEW_TOKENS // 2), lambda _: None)
+                           for i in range(16)]
+                tps[way].append(sum(f.result().completion_tokens for f in futures) / (time.perf_counter() - started))
+        use("as_run")
+
+        def ratio(of: dict, way: str, to: str) -> float:
+            return statistics.median(a / b for a, b in zip(of[way], of[to]))
+
+        return {"dtype": str(eng.loaded.dtype).removeprefix("torch."), "dtype_reason": eng.loaded.dtype_reason,
+                "kernels": eng.loaded.kernels, "padded": eng.padded, "min_rows": min_rows,
+                "measured_at_start_s": round(eng.invariance_s, 2), "rounds": rounds,
+                "itl_ms": {w: statistics.median(x) for w, x in itl.items()},
+                "batch16_tps": {w: statistics.median(x) for w, x in tps.items()},
+                "itl_as_run_over_unpadded": ratio(itl, "as_run", "unpadded"),
+                "itl_whole_pass_over_unpadded": ratio(itl, "whole_pass", "unpadded"),
+                "batch16_as_run_over_unpadded": ratio(tps, "as_run", "unpadded")}
+    finally:
+        eng.stop()
+
+
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    print(json.dumps({"gauge": gauge, "generate": generate, "engine": engine}[what](threads)))
+    probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance}
+    print(json.dumps(probes[what](threads, *sys.argv[3:])))

@@ -294,6 +294,7 @@ class BatchingEngine:
         self.cache: RaggedKVCache | None = None
         self.min_rows = 1  # measured on the engine thread: see _forward and _least_pass_rows
         self.padded: dict[str, int] = {}  # least rows of each kind of linear layer (pad_linears)
+        self.invariance_s = 0.0  # the time those two measurements took at start
         self._vocab = 0
         self._ready = threading.Event()
         self._incoming: queue.Queue[_Request | None] = queue.Queue()
@@ -382,6 +383,7 @@ class BatchingEngine:
         self._vocab = lm.model.get_input_embeddings().num_embeddings
         self.max_tokens = min(self._max_tokens_setting, lm.context_len)
         most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK)  # the most rows a pass computes
+        started = time.monotonic()
         self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings())
         # Fused Llama layers run in a lean pass of their own; any other model through its forward.
         self._lean = LlamaPass.of(lm.model, self.max_tokens)
@@ -394,6 +396,7 @@ class BatchingEngine:
         # A 4-D mask is used as given: ragged_attention masks by its plan instead.
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=lm.device)
         self.min_rows = self._least_pass_rows()
+        self.invariance_s = time.monotonic() - started
         prefix = self._shared_prefix(lm.tokenizer) if self._shared_prefix else []
         if 0 < len(prefix) < self.max_tokens // 2:
             self._forward([], [(prefix, self._prefix_slot, first, min(PREFILL_CHUNK, len(prefix) - first))
@@ -401,9 +404,9 @@ class BatchingEngine:
             self.prefix = list(prefix)
         padded = ", ".join(f"{kind} from {rows} rows" for kind, rows in self.padded.items() if rows > 1)
         logger.info("Engine: %d slots; %s; %s; whole passes give a row's logits alike alone and in a batch "
-                    "from %d rows", self.max_batch, "lean Llama pass" if self._lean else
+                    "from %d rows (measured in %.1fs)", self.max_batch, "lean Llama pass" if self._lean else
                     "passes through the model's forward", f"linear layers padded: {padded}" if padded else
-                    "no linear layer rounds by row count", self.min_rows)
+                    "no linear layer rounds by row count", self.min_rows, self.invariance_s)
 
     def _least_pass_rows(self) -> int:
         """The fewest rows to pad a pass to so that whole passes give every row's logits alike alone and beside others.
