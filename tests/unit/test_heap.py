@@ -20,7 +20,8 @@ def test_freezing_the_heap_collects_garbage_first_and_keeps_the_living_out_of_fu
     try:
         frozen = freeze_heap()
         assert gone() is None  # collected, not frozen for good
-        assert frozen == gc.get_freeze_count() > 0
+        # Frozen objects may still die (another thread lets go of some), but none joins the frozen ones by itself.
+        assert 0 < gc.get_freeze_count() <= frozen
         assert not any(o is kept for o in gc.get_objects())  # what lived is out of the collector's walks
     finally:
         gc.unfreeze()
