@@ -270,7 +270,8 @@ def invariance_section(by_dtype: dict) -> list[str]:
     for dtype, inv in by_dtype.items():
         padded = ", ".join(f"{kind}: {rows}" for kind, rows in inv["padded"].items() if rows > 1) or "none"
         itl, tps = inv["itl_ms"], inv["batch16_tps"]
-        lines.append(f"| {dtype} ({inv['dtype_reason']}) | {padded}; whole passes from {inv['min_rows']} rows | "
+        whole = "unpadded" if inv["min_rows"] == 1 else f"padded to {inv['min_rows']} rows"
+        lines.append(f"| {dtype} ({inv['dtype_reason']}) | {padded}; whole passes {whole} | "
                      f"{inv['measured_at_start_s']} s | {itl['as_run']:.2f} / {itl['unpadded']:.2f} / "
                      f"{itl['whole_pass']:.2f} | {inv['itl_as_run_over_unpadded']:.3f}x | {tps['as_run']:.1f} / "
                      f"{tps['unpadded']:.1f} / {tps['whole_pass']:.1f} | {inv['batch16_as_run_over_unpadded']:.3f}x |")

@@ -403,10 +403,11 @@ class BatchingEngine:
                                for first in range(0, len(prefix), PREFILL_CHUNK)])
             self.prefix = list(prefix)
         padded = ", ".join(f"{kind} from {rows} rows" for kind, rows in self.padded.items() if rows > 1)
-        logger.info("Engine: %d slots; %s; %s; whole passes give a row's logits alike alone and in a batch "
-                    "from %d rows (measured in %.1fs)", self.max_batch, "lean Llama pass" if self._lean else
+        logger.info("Engine: %d slots; %s; %s; whole passes give a row's logits alike alone and in a batch %s "
+                    "(measured in %.1fs)", self.max_batch, "lean Llama pass" if self._lean else
                     "passes through the model's forward", f"linear layers padded: {padded}" if padded else
-                    "no linear layer rounds by row count", self.min_rows, self.invariance_s)
+                    "no linear layer rounds by row count",
+                    "unpadded" if self.min_rows == 1 else f"padded to {self.min_rows} rows", self.invariance_s)
 
     def _least_pass_rows(self) -> int:
         """The fewest rows to pad a pass to so that whole passes give every row's logits alike alone and beside others.
