@@ -123,8 +123,8 @@ def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
 
 
 def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
-    engine, loaded = each_dtype, each_dtype.loaded
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
+    engine, loaded = each_dtype, each_dtype.loaded
     # A prompt that starts in the second span bucket and leaves it while decoding.
     long_ids = max((bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century " * n)
                     for n in range(1, 40)),
@@ -197,6 +197,35 @@ def test_a_layer_that_rounds_a_lone_row_otherwise_is_found_at_start_and_padded_a
         together = [f.result(120).text for f in futures]
         assert [run(eng, eng.loaded, p, n=16).text for p in prompts] == together
         padded.least = 1  # without the padding, a lone request's text changes: the layer does matter
+        assert [run(eng, eng.loaded, p, n=16).text for p in prompts] != together
+    finally:
+        eng.stop()
+
+
+class ActivationOtherwiseAlone(nn.SiLU):
+    """SiLU that gives other numbers when the pass has one row: no linear layer, so only the check of whole
+    passes can find it."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 1.5 if x.reshape(-1, x.shape[-1]).shape[0] == 1 else out
+
+
+def with_an_activation_that_differs_alone() -> LoadedModel:
+    lm = load_model(str(DEFAULT_MODEL_DIR))
+    lm.model.model.layers[2].mlp.act_fn = ActivationOtherwiseAlone()
+    return lm
+
+
+def test_any_other_operation_that_differs_alone_is_found_by_checking_whole_passes_and_padded_around():
+    eng = BatchingEngine(with_an_activation_that_differs_alone, max_batch=8, max_tokens=256).start()
+    try:
+        assert eng.min_rows == 2  # a pass of one row is padded with a throw-away row
+        prompts = PROMPTS[:4]
+        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(16), lambda s: None) for p in prompts]
+        together = [f.result(120).text for f in futures]
+        assert [run(eng, eng.loaded, p, n=16).text for p in prompts] == together
+        eng.min_rows = 1  # without it, a lone request's text changes
         assert [run(eng, eng.loaded, p, n=16).text for p in prompts] != together
     finally:
         eng.stop()
@@ -276,8 +305,8 @@ def test_temperature_samples_per_request(each_dtype):
 
 
 def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(each_dtype):
-    engine, loaded = each_dtype, each_dtype.loaded
     """A prompt of several pieces, its pieces spread over passes that also decode and start other requests."""
+    engine, loaded = each_dtype, each_dtype.loaded
     long_ids = bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century. " * 30)
     assert len(long_ids) - len(engine.prefix) > 2 * PREFILL_CHUNK
     assert len(long_ids) - len(engine.prefix) > engine.prefill_tokens_per_pass  # more than one pass
