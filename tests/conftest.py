@@ -37,9 +37,10 @@ def pytest_report_header(config) -> list[str]:
     from workers.cpu import describe
     from workers.model import pick_dtype
 
-    dtype, why = pick_dtype("auto", torch.device("cpu"))
+    setting = Settings().dtype
+    dtype, why = pick_dtype(setting, torch.device("cpu"))
     return [describe(), f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                        f"{torch.get_num_threads()} threads; engine dtype (CHAT_DTYPE=auto): "
+                        f"{torch.get_num_threads()} threads; engine dtype (CHAT_DTYPE={setting}): "
                         f"{str(dtype).removeprefix('torch.')} ({why})"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from config.settings import DEFAULT_MODEL_DIR
+from config.settings import DEFAULT_MODEL_DIR, Settings
 from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
 from workers.kernels import PaddedRows, pad_linears
 from workers.model import LoadedModel, load_model, pick_dtype
@@ -22,6 +22,8 @@ PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step 
 # The dtypes the engine picks on CPU: float32, and bfloat16 (native with avx512_bf16 or amx_bf16, emulated
 # elsewhere). The tests of batch invariance run in both, whatever this machine picks.
 DTYPES = ["float32", "bfloat16"]
+# The rest run in the dtype a worker here picks (CHAT_DTYPE, auto by default).
+DTYPE = Settings().dtype
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def engines():
 
 @pytest.fixture(scope="module")
 def engine(engines):
-    """The engine in the dtype a worker on this machine picks."""
-    return engines(str(pick_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch."))
+    """The engine in the dtype a worker here picks: ``CHAT_DTYPE``'s, as in the integration tests' worker."""
+    return engines(str(pick_dtype(DTYPE, torch.device("cpu"))[0]).removeprefix("torch."))
 
 
 @pytest.fixture(scope="module", params=DTYPES)
@@ -87,9 +89,9 @@ def run(engine, loaded, prompt, n=24, **kw):
     return result
 
 
-def padded_stock_model() -> LoadedModel:
+def padded_stock_model(dtype: torch.dtype) -> LoadedModel:
     """transformers' own layers, with the linear layers that round by row count padded as the engine pads them."""
-    stock = load_model(str(DEFAULT_MODEL_DIR), fuse=False)
+    stock = load_model(str(DEFAULT_MODEL_DIR), dtype_setting=str(dtype).removeprefix("torch."), fuse=False)
     pad_linears(stock.model, 1, 512, head=stock.model.get_output_embeddings())
     return stock
 
@@ -104,7 +106,7 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     result = run(engine, loaded, PROMPTS[0])
     assert "Paris" in result.text
     assert result.finish_reason == "stop"
-    generate = GenerateEngine(padded_stock_model).start()
+    generate = GenerateEngine(lambda: padded_stock_model(loaded.dtype)).start()
     try:
         baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
         longer = generate.generate(ids(loaded, PROMPTS[1]), GenerationParams(48), lambda s: None)
@@ -141,8 +143,8 @@ def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
 def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
     """Plain (not prepacked) layers are measured and padded too; a pass with fewer rows than the whole-pass
     minimum is padded with throw-away rows."""
-    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), prepack_rows=0), max_batch=8,
-                         max_tokens=256).start()
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=DTYPE, prepack_rows=0),
+                         max_batch=8, max_tokens=256).start()
     try:
         assert "prepacking off" in eng.loaded.kernels
         assert 1 <= eng.min_rows <= 8
@@ -176,7 +178,7 @@ class OtherNumbersAlone(nn.Linear):
 def with_a_layer_that_differs_alone() -> LoadedModel:
     """The model, with layer 2's down projection (the one oneDNN rounds by row count in bfloat16) swapped for
     :class:`OtherNumbersAlone` on the same weights."""
-    lm = load_model(str(DEFAULT_MODEL_DIR), prepack_rows=0)
+    lm = load_model(str(DEFAULT_MODEL_DIR), dtype_setting=DTYPE, prepack_rows=0)
     mlp = lm.model.model.layers[2].mlp
     down = mlp.down_proj
     mlp.down_proj = OtherNumbersAlone(down.in_features, down.out_features, bias=False,
@@ -212,7 +214,7 @@ class ActivationOtherwiseAlone(nn.SiLU):
 
 
 def with_an_activation_that_differs_alone() -> LoadedModel:
-    lm = load_model(str(DEFAULT_MODEL_DIR))
+    lm = load_model(str(DEFAULT_MODEL_DIR), dtype_setting=DTYPE)
     lm.model.model.layers[2].mlp.act_fn = ActivationOtherwiseAlone()
     return lm
 
@@ -233,8 +235,8 @@ def test_any_other_operation_that_differs_alone_is_found_by_checking_whole_passe
 
 def test_a_model_without_fused_layers_runs_through_its_own_forward_and_answers_alike(engine, loaded):
     """transformers' forward with the ragged attention function: the same text as the lean pass, in any batch."""
-    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), fuse=False), max_batch=8, max_tokens=512,
-                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=DTYPE, fuse=False), max_batch=8,
+                         max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         assert eng._lean is None and engine._lean is not None
         long_prompt = bicycle_conversation(loaded, "Bicycles spread across Europe in the 1800s. " * 20)
