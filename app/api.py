@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, jsonify, send_from_directory
+from flask import Blueprint, abort, current_app, jsonify, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import streams
 from app.errors import error_response
 from app.identity import current_owner
-from app.protocol import ErrorCode
+from app.protocol import ErrorCode, unstorable
 from app.storage import NotFound
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,15 @@ api = Blueprint("api", __name__, static_folder="static")
 
 def _services():
     return current_app.extensions["chat"]
+
+
+@api.url_value_preprocessor
+def refuse_unstorable_ids(endpoint, values) -> None:
+    """An id in the path with a NUL or a lone surrogate is bad input, answered before any query."""
+    for name, value in (values or {}).items():
+        why = unstorable(value) if isinstance(value, str) else None
+        if why:
+            abort(400, description=f"{name}: {why}")
 
 
 @api.get("/")

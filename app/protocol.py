@@ -79,6 +79,20 @@ ClientFrame = Annotated[Chat | Cancel | Resume | Ping, Field(discriminator="type
 _client_frame = TypeAdapter(ClientFrame)
 
 
+def unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored or sent on as it is (a NUL, or half of a UTF-16 surrogate pair); None if it can.
+
+    JSON may carry both as escapes; PostgreSQL's text takes neither, nor does UTF-8.
+    """
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain lone surrogates"
+    return None
+
+
 def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cancel | Resume | Ping:
     """Parse one text frame or raise :class:`ProtocolError` with the contract's code."""
     if isinstance(raw, bytes):
@@ -99,6 +113,10 @@ def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cance
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"][1:]) or "frame"
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: {err['msg']}") from None
+    for field, value in frame:
+        why = unstorable(value) if isinstance(value, str) else None
+        if why:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field}: {why}")
     if isinstance(frame, Chat):
         if not frame.content.strip():
             raise ProtocolError(ErrorCode.BAD_REQUEST, "content: must not be empty")

@@ -32,6 +32,14 @@ BAD_FRAMES = [
     ('{"type": "resume", "request_id": "nope", "after_seq": -1}', "not_found"),
     ('{"type": "resume", "request_id": "x", "after_seq": -2}', "bad_request"),
     ('{"type": "resume", "after_seq": 3}', "bad_request"),
+    # JSON escapes that PostgreSQL's text and UTF-8 cannot take: a NUL, half of a surrogate pair.
+    ('{"type": "chat", "content": "a\\u0000b"}', "bad_request"),
+    ('{"type": "chat", "content": "a\\ud800b"}', "bad_request"),
+    ('{"type": "chat", "content": "\\udfff"}', "bad_request"),
+    ('{"type": "chat", "content": "hi", "conversation_id": "\\u0000"}', "bad_request"),
+    ('{"type": "chat", "content": "hi", "client_id": "k\\ud83d"}', "bad_request"),
+    ('{"type": "cancel", "request_id": "\\u0000"}', "bad_request"),
+    ('{"type": "resume", "request_id": "\\udc00", "after_seq": -1}', "bad_request"),
 ]
 
 
@@ -76,6 +84,18 @@ def test_http_errors_are_json_with_codes(stack, client):
     assert res.status_code == 404 and res.json()["error"]["code"] == "not_found"
     res = client.http.post(client.base_url + "/api/conversations")
     assert res.status_code == 405 and res.json()["error"]["code"] == "bad_request"
+
+
+# A NUL reaches the view as one; bytes of a lone surrogate arrive as replacement characters, an id nobody has.
+@pytest.mark.parametrize("conversation_id,code", [("a%00b", "bad_request"), ("%ED%A0%80", "not_found")])
+def test_an_id_in_the_path_with_a_nul_or_a_lone_surrogate_writes_nothing(stack, client, conversation_id, code):
+    before = stack.count("conversations")
+    for method, path in (("get", f"/api/conversations/{conversation_id}/messages"),
+                         ("delete", f"/api/conversations/{conversation_id}")):
+        res = client.http.request(method, client.base_url + path, timeout=10)
+        assert res.json()["error"]["code"] == code, res.text
+        assert res.status_code == {"bad_request": 400, "not_found": 404}[code]
+    assert stack.count("conversations") == before
 
 
 def test_foreign_origin_is_refused(stack):

@@ -92,3 +92,22 @@ def test_server_frames_follow_the_contract():
                                                   "finish_reason": "stop",
                                                   "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
     assert done_frame("r", "m", "stop", 3, 4, 12.345)["timing"] == {"engine_first_token_ms": 12.3}  # optional extra
+
+
+# Any character, lone surrogates and NUL among them (json.dumps writes them as escapes).
+ANY_CHARACTER = st.one_of(st.characters(), st.just("\x00"),
+                          st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"]))
+
+
+@given(st.text(alphabet=ANY_CHARACTER, min_size=1), st.sampled_from(["content", "conversation_id", "client_id"]))
+def test_an_accepted_chat_holds_only_text_that_can_be_stored(text, field):
+    frame = {"type": "chat", "content": "hi", field: text}
+    try:
+        chat = parse(frame)
+    except ProtocolError as exc:
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+        return
+    for value in (chat.content, chat.conversation_id, chat.client_id):
+        if value is not None:
+            assert "\x00" not in value
+            value.encode("utf-8")  # no lone surrogate
