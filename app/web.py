@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from flask import Flask
 
 from app import streams
+from app.admission import Admission
 from app.queue import QueueClient
 from app.storage import Store
 from config.logging import configure_logging
@@ -25,6 +26,7 @@ class Services:
     redis: object
     queue: QueueClient
     hub: streams.StreamHub
+    admission: Admission
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -44,13 +46,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         SOCK_SERVER_OPTIONS={"max_message_size": settings.max_frame_bytes, "ping_interval": 25},
     )
     redis_client = streams.connect(settings.resolved_redis_url, max_connections=4 * settings.web_threads)
+    queue = QueueClient(settings, redis_client)
     app.extensions["chat"] = Services(
         settings=settings,
         store=Store(settings.resolved_database_url, settings.resolved_replica_url,
                     pool_size=min(settings.web_threads, 20)),
         redis=redis_client,
-        queue=QueueClient(settings, redis_client),
+        queue=queue,
         hub=streams.StreamHub(redis_client),
+        admission=Admission(redis_client, queue, settings.max_queue_depth, settings.busy_retry_after_s,
+                            settings.rate_limit_per_minute, settings.rate_limit_burst),
     )
     app.before_request(check_origin_and_identify)
     sock.init_app(app)

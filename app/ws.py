@@ -99,6 +99,7 @@ class Connection:
         }
         if params["temperature"] > settings.max_temperature:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"temperature: at most {settings.max_temperature}")
+        self.svc.admission.admit(self.owner)
         try:
             accepted = self.svc.store.accept_chat(self.owner, frame.content, frame.conversation_id,
                                                   frame.client_id, params)

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_temperature: float = Field(2.0, ge=0)
     allowed_origins: list[str] = []
 
+    # Admission: refusals before anything is stored or queued.
+    max_queue_depth: int = Field(64, ge=1)
+    busy_retry_after_s: float = Field(2.0, gt=0)
+    rate_limit_per_minute: float = Field(30, ge=0)
+    rate_limit_burst: int = Field(10, ge=1)
+
     # Token streams in Redis.
     stream_ttl_s: int = Field(3600, ge=10)
     stream_maxlen: int = Field(20000, ge=100)

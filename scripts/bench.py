@@ -59,7 +59,8 @@ class Bench:
         self.scale = 0.5 if quick else 1.0
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
                              replica_port=free_port(), web_port=free_port(), default_max_new_tokens=NEW_TOKENS,
-                             max_new_tokens_cap=NEW_TOKENS, web_threads=640, log_level="WARNING")
+                             max_new_tokens_cap=NEW_TOKENS, web_threads=640, log_level="WARNING",
+                             rate_limit_per_minute=0)  # every chat of a load comes from one caller
         self.url = f"http://127.0.0.1:{self.base.web_port}"
         self.runs: list[dict] = []
         self.procs = []
