@@ -29,7 +29,11 @@ def celery_config(settings: Settings) -> dict:
         "task_publish_retry": True,
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         "broker_transport_options": {
-            "visibility_timeout": 3600,
+            # A task taken by a worker goes back to the queue once its worker has not renewed its hold for
+            # this long (workers/leases.py); every consumer looks for such tasks every fifth of it.
+            "visibility_timeout": settings.task_lease_s,
+            "unacked_restore_interval": settings.task_lease_s / 5,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 2,
             "socket_timeout": 5,
         },

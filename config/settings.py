@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     stream_ttl_s: int = Field(3600, ge=10)
     stream_maxlen: int = Field(20000, ge=100)
     worker_heartbeat_s: int = Field(5, ge=1)
+    # A running task's hold on its broker message: renewed by its worker every fifth of it, handed back to the
+    # queue when its worker stops renewing (it died).
+    task_lease_s: float = Field(10, ge=2)
 
     # Web server.
     web_workers: int = Field(1, ge=1)

@@ -10,7 +10,7 @@ import threading
 import time
 
 from celery import Celery
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import task_postrun, task_received, worker_init, worker_shutdown
 
 from app import streams
 from app.storage import Store
@@ -45,6 +45,7 @@ def _start(sender=None, **_):
     configure_logging(settings.log_level, settings.log_json)
     from workers.engine import BatchingEngine, GenerateEngine
     from workers.handler import RequestHandler
+    from workers.leases import Leases
     from workers.model import load_model
     from workers.prompt import shared_prefix_ids
     from workers.relay import CancelWatcher, TokenRelay
@@ -54,6 +55,7 @@ def _start(sender=None, **_):
                           settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
     redis_client = streams.connect(settings.resolved_redis_url)
+    _runtime["leases"] = Leases(streams.connect(settings.resolved_broker_url), settings.task_lease_s / 5).start()
     relay = TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
     if settings.engine == "batching":
         engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
@@ -89,6 +91,19 @@ def _start(sender=None, **_):
             stop.wait(settings.worker_heartbeat_s)
 
     threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+
+
+@task_received.connect
+def _hold(request=None, **_):
+    """Renew this task's hold on its message while it waits and runs here (workers/leases.py)."""
+    if "leases" in _runtime and request is not None:
+        _runtime["leases"].hold(request.id, request.message.delivery_tag)
+
+
+@task_postrun.connect
+def _release(task_id=None, **_):
+    if "leases" in _runtime:
+        _runtime["leases"].release(task_id)
 
 
 @worker_shutdown.connect
