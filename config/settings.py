@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     # A running task's hold on its broker message: renewed by its worker every fifth of it, handed back to the
     # queue when its worker stops renewing (it died).
     task_lease_s: float = Field(10, ge=2)
+    # Told to stop, a worker finishes its requests for up to this long, then hands the rest back to the queue.
+    worker_drain_s: float = Field(30, ge=0)
 
     # Web server.
     web_workers: int = Field(1, ge=1)

@@ -65,8 +65,9 @@ class Process:
     """One child process in its own session, with its output in a log file or on our terminal."""
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None, log_dir: Path | None = None,
-                 cwd: Path = ROOT):
+                 cwd: Path = ROOT, stop_timeout: float = 20):
         self.name = name
+        self.stop_timeout = stop_timeout  # how long :meth:`stop` waits after its signal before SIGKILL
         self.log_path = log_dir / f"{name}.log" if log_dir else None
         out = open(self.log_path, "ab") if self.log_path else None
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -81,12 +82,12 @@ class Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
+    def stop(self, timeout: float | None = None, sig: int = signal.SIGTERM) -> None:
         if not self.alive():
             return
         try:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout)
+            self.proc.wait(timeout or self.stop_timeout)
         except subprocess.TimeoutExpired:
             logger.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -279,7 +280,7 @@ def _wait_for_heartbeats(settings: Settings, proc: Process, ready, timeout: floa
 def start_worker(settings: Settings, name: str, log_dir: Path | None) -> Process:
     """One Celery worker process on the model's queue; ready once its model is loaded."""
     proc = Process(name.split("@")[0], worker_argv(WorkerSpec(name, {}), settings), env=settings_env(settings),
-                   log_dir=log_dir)
+                   log_dir=log_dir, stop_timeout=settings.worker_drain_s + 30)
     _wait_for_heartbeats(settings, proc, lambda beats: any(b.get("pid") == proc.pid for b in beats), 180)
     return proc
 
@@ -287,7 +288,9 @@ def start_worker(settings: Settings, name: str, log_dir: Path | None) -> Process
 def start_launcher(settings: Settings, log_dir: Path | None, expected: int) -> Process:
     """``python -m workers.launch``; ready once ``expected`` workers have loaded the model."""
     started = time.time()
-    proc = Process("workers", [sys.executable, "-m", "workers.launch"], env=settings_env(settings), log_dir=log_dir)
+    # Stopped, the launcher lets its workers drain (CHAT_WORKER_DRAIN_S) before it goes.
+    proc = Process("workers", [sys.executable, "-m", "workers.launch"], env=settings_env(settings), log_dir=log_dir,
+                   stop_timeout=settings.worker_drain_s + 40)
     _wait_for_heartbeats(settings, proc, lambda beats: sum(
         1 for b in beats if b.get("since", 0) >= started and b.get("queue") == settings.queue) >= expected, 240)
     return proc

@@ -10,7 +10,7 @@ import threading
 import time
 
 from celery import Celery
-from celery.signals import task_postrun, task_received, worker_init, worker_shutdown
+from celery.signals import task_postrun, task_received, worker_init, worker_shutdown, worker_shutting_down
 
 from app import streams
 from app.storage import Store
@@ -104,6 +104,19 @@ def _hold(request=None, **_):
 def _release(task_id=None, **_):
     if "leases" in _runtime:
         _runtime["leases"].release(task_id)
+
+
+@worker_shutting_down.connect
+def _drain(**_):
+    """Stopping (SIGTERM): Celery takes no new task and waits for those in flight; what still runs after
+    ``worker_drain_s`` is handed back to the queue, to go on elsewhere after the text already sent."""
+    if "handler" not in _runtime:
+        return
+    logger.info("Stopping: finishing the requests in flight for up to %.0fs, then handing back the rest",
+                settings.worker_drain_s)
+    timer = threading.Timer(settings.worker_drain_s, _runtime["handler"].hand_back_all)
+    timer.daemon = True
+    timer.start()
 
 
 @worker_shutdown.connect

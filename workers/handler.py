@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from app.protocol import done_frame, token_frame
@@ -14,6 +15,11 @@ from workers.relay import CancelWatcher, TokenRelay
 logger = logging.getLogger(__name__)
 
 FIRST_TOKEN_WAIT_S = 0.05  # at most this long: Redis away must not stall the engine
+HAND_BACK_SYNC_S = 30  # how long a request handed back waits for its streamed frames to be in Redis
+
+
+class HandedBack(Exception):
+    """The worker is stopping: the request goes back to the queue, to go on elsewhere after what was streamed."""
 
 
 class RequestHandler:
@@ -32,6 +38,13 @@ class RequestHandler:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.default_max_new_tokens = default_max_new_tokens
+        self._handing_back = threading.Event()
+
+    def hand_back_all(self) -> None:
+        """Stop every request in flight and hand each back (:class:`HandedBack`), nothing stored: the worker is
+        stopping and its drain time is over. Requests that come later are handed back at once."""
+        self._handing_back.set()
+        self.cancels.stop_all()
 
     def handle(self, request_id: str, repeat: bool = True) -> str:
         """Serve the request once; a repeat (redelivery, retry) finishes what is missing. Returns the finish reason.
@@ -40,6 +53,8 @@ class RequestHandler:
         its stream is still empty: reading it is skipped, a round trip less
         before the first token.
         """
+        if self._handing_back.is_set():
+            raise HandedBack(request_id)
         req = self.store.prompt_request(request_id)
         if req is None:
             # Its conversation was deleted while it waited: nothing to answer.
@@ -91,6 +106,11 @@ class RequestHandler:
             finish, completion = "error", len(prefix_ids)
         finally:
             self.cancels.unwatch(request_id)
+        if finish == "cancelled" and self._handing_back.is_set():
+            # Its stream must hold every frame sent so far before another worker reads it to go on.
+            if not self.relay.sync(HAND_BACK_SYNC_S):
+                logger.error("Request %s handed back before its frames were in Redis", request_id)
+            raise HandedBack(request_id)
 
         message_id = self.store.store_reply(request_id, req.conversation_id, "".join(pieces), finish,
                                             len(prompt_ids), completion)

@@ -123,11 +123,13 @@ class Launcher:
         for name, proc in self.children.items():
             if proc.poll() is None:
                 proc.terminate()
+        # Each worker finishes its requests for up to its drain time, then hands the rest back.
+        patience = self.settings.worker_drain_s + 30
         for name, proc in self.children.items():
             try:
-                proc.wait(60)
+                proc.wait(patience)
             except subprocess.TimeoutExpired:
-                logger.warning("Worker %s did not stop in 60s; killing it", name)
+                logger.warning("Worker %s did not stop in %.0fs; killing it", name, patience)
                 proc.kill()
         return 0
 

@@ -56,6 +56,14 @@ class TokenRelay:
         """Write what is queued now (from the engine's thread: it does not wait for the write)."""
         self._flush.set()
 
+    def sync(self, timeout: float | None = None) -> bool:
+        """Write everything queued so far and wait until it is in Redis (or ``timeout`` s); whether it is."""
+        written = threading.Event()
+        with self._lock:
+            self._pending.append((None, None, written))
+        self._flush.set()
+        return written.wait(timeout)
+
     def _run(self) -> None:
         while True:
             self._flush.wait(self.max_delay_s)
@@ -72,6 +80,8 @@ class TokenRelay:
                 pipe = self.client.pipeline(transaction=False)
                 keys = set()
                 for request_id, data, _ in batch:
+                    if data is None:  # a mark of :meth:`sync`
+                        continue
                     key = stream_key(request_id)
                     pipe.xadd(key, {"frame": data}, maxlen=self.maxlen, approximate=True)
                     keys.add(key)
@@ -109,6 +119,12 @@ class CancelWatcher:
     def unwatch(self, request_id: str) -> None:
         with self._lock:
             self._events.pop(request_id, None)
+
+    def stop_all(self) -> None:
+        """Stop every watched request at the engine's next pass, as a cancel flag would."""
+        with self._lock:
+            for event in self._events.values():
+                event.set()
 
     def _run(self) -> None:
         while True:

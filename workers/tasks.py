@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import redis
+from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from config.celery import TASK_GENERATE
 from workers.celery_app import celery, runtime
+from workers.handler import HandedBack
 
 
 def is_repeat(request) -> bool:
@@ -19,4 +21,8 @@ def is_repeat(request) -> bool:
              retry_backoff=True, retry_backoff_max=30, max_retries=8)
 def generate(self, request_id: str) -> str:
     """Generate, stream and store the reply to one accepted chat message."""
-    return runtime().handle(request_id, repeat=is_repeat(self.request))
+    try:
+        return runtime().handle(request_id, repeat=is_repeat(self.request))
+    except HandedBack:
+        # Back to the queue, marked redelivered: another worker goes on after the streamed text.
+        raise Reject("the worker is stopping", requeue=True) from None
