@@ -48,7 +48,7 @@ def _start(sender=None, **_):
     from workers.leases import Leases
     from workers.model import load_model
     from workers.prompt import shared_prefix_ids
-    from workers.relay import CancelWatcher, TokenRelay
+    from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
 
     def load():  # on the engine's own thread: the one that runs the model
         return load_model(settings.model, settings.device, settings.dtype, settings.torch_threads,
@@ -72,7 +72,7 @@ def _start(sender=None, **_):
                   pool_size=min(settings.resolved_worker_concurrency, 10) + 1)
     _runtime["handler"] = RequestHandler(
         store, functools.partial(streams.stream_events, redis_client),
-        relay, CancelWatcher(redis_client),
+        relay, CancelWatcher(redis_client), FinishedReplies(redis_client, settings.stream_ttl_s),
         engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
     logger.info("%d long-lived objects taken out of full garbage collections", freeze_heap())
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"

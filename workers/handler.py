@@ -6,11 +6,13 @@ import logging
 import threading
 from collections.abc import Callable
 
+from sqlalchemy.exc import OperationalError
+
 from app.protocol import done_frame, token_frame
 from app.storage import Store
 from workers.engine import GenerationParams
 from workers.prompt import build_prompt_ids
-from workers.relay import CancelWatcher, TokenRelay
+from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,12 @@ class RequestHandler:
     """
 
     def __init__(self, store: Store, events: Callable[[str], list[dict]], relay: TokenRelay,
-                 cancels: CancelWatcher, engine, tokenizer, system_prompt: str, default_max_new_tokens: int):
+                 cancels: CancelWatcher, finished: FinishedReplies, engine, tokenizer, system_prompt: str,
+                 default_max_new_tokens: int):
         self.store = store
         self.events = events
         self.relay = relay
+        self.finished = finished
         self.cancels = cancels
         self.engine = engine
         self.tokenizer = tokenizer
@@ -71,6 +75,12 @@ class RequestHandler:
                                                        stored.prompt_tokens or 0, stored.completion_tokens or 0),
                                 wait=True)
             return stored.finish_reason or "stop"
+
+        kept = self.finished.get(request_id) if repeat else None
+        if kept is not None:  # generated in full before, but the primary failed to take it: store it now
+            finish = self._store(request_id, req.conversation_id, **kept)
+            self.finished.forget(request_id)
+            return finish
 
         # A redelivered request continues after the tokens already streamed, so
         # the joined token texts still equal the stored reply.
@@ -112,8 +122,21 @@ class RequestHandler:
                 logger.error("Request %s handed back before its frames were in Redis", request_id)
             raise HandedBack(request_id)
 
-        message_id = self.store.store_reply(request_id, req.conversation_id, "".join(pieces), finish,
-                                            len(prompt_ids), completion)
-        self.relay.send(request_id, done_frame(request_id, message_id, finish, len(prompt_ids), completion,
+        return self._store(request_id, req.conversation_id, "".join(pieces), finish, len(prompt_ids), completion,
+                           first_token_ms)
+
+    def _store(self, request_id: str, conversation_id: str, text: str, finish: str, prompt_tokens: int,
+               completion_tokens: int, first_token_ms: float | None = None) -> str:
+        """Store the reply and announce it with `done`. Should the primary fail, the reply is kept for the
+        task's retry (:class:`workers.relay.FinishedReplies`), which stores it rather than generating on."""
+        try:
+            message_id = self.store.store_reply(request_id, conversation_id, text, finish, prompt_tokens,
+                                                completion_tokens)
+        except OperationalError:
+            self.finished.keep(request_id, {"text": text, "finish": finish, "prompt_tokens": prompt_tokens,
+                                            "completion_tokens": completion_tokens,
+                                            "first_token_ms": first_token_ms})
+            raise
+        self.relay.send(request_id, done_frame(request_id, message_id, finish, prompt_tokens, completion_tokens,
                                                first_token_ms), wait=True)
         return finish

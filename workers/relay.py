@@ -20,6 +20,9 @@ from app.streams import cancel_key, stream_key
 
 logger = logging.getLogger(__name__)
 
+# A reply generated whose storing failed, kept until a retry of its task stores it.
+FINISHED_PREFIX = "finished:"
+
 
 class TokenRelay:
     """Writes frames to their request streams in batches, in order, retrying while Redis is away.
@@ -144,3 +147,26 @@ class CancelWatcher:
             for (_, event), flag in zip(watched, flags):
                 if flag:
                     event.set()
+
+
+class FinishedReplies:
+    """Replies generated in full but not yet stored (the primary failed), kept so that the retry of their task
+    stores them instead of generating on after what looks like a partial reply."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int):
+        self.client = client
+        self.ttl_s = ttl_s
+
+    def keep(self, request_id: str, reply: dict) -> None:
+        """Keep it for the retry; where Redis fails too, the retry goes on after the streamed text instead."""
+        try:
+            self.client.set(FINISHED_PREFIX + request_id, json.dumps(reply, ensure_ascii=False), ex=self.ttl_s)
+        except redis.RedisError as exc:
+            logger.error("Could not keep the finished reply of %s for its retry: %s", request_id, exc)
+
+    def get(self, request_id: str) -> dict | None:
+        kept = self.client.get(FINISHED_PREFIX + request_id)
+        return json.loads(kept) if kept else None
+
+    def forget(self, request_id: str) -> None:
+        self.client.delete(FINISHED_PREFIX + request_id)
