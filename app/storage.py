@@ -8,6 +8,8 @@ see a write just made asks for the primary explicitly.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,9 +40,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Delete, Executable, Insert, Update
+
+logger = logging.getLogger(__name__)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -145,8 +149,12 @@ class PromptRequest:
 class Store:
     """All SQL of both tiers."""
 
+    # After the replica failed, reads go to the primary for this long before the replica is tried again.
+    REPLICA_RETRY_S = 5.0
+
     def __init__(self, primary_url: str, replica_url: str, pool_size: int = 5):
         kw = {"pool_size": pool_size, "max_overflow": 10, "connect_args": {"connect_timeout": 3}}
+        self._replica_failed_at = -float("inf")
         self.primary: Engine = create_engine(primary_url, **kw)
         self.replica: Engine = create_engine(replica_url, **kw)
         for engine in (self.primary, self.replica):
@@ -170,6 +178,22 @@ class Store:
         """Close every pooled connection to both servers."""
         self.primary.dispose()
         self.replica.dispose()
+
+    def replica_read(self, read):
+        """``read(session)`` on the replica, or on the primary where the replica cannot be reached.
+
+        A failed replica is left alone for :attr:`REPLICA_RETRY_S` so that no read
+        waits for its connect timeout meanwhile.
+        """
+        if time.monotonic() - self._replica_failed_at >= self.REPLICA_RETRY_S:
+            try:
+                with self.session() as s:
+                    return read(s)
+            except OperationalError as exc:
+                self._replica_failed_at = time.monotonic()
+                logger.warning("Replica unavailable (%s); reads go to the primary", type(exc.orig).__name__)
+        with self.session(primary=True) as s:
+            return read(s)
 
     def ping(self, which: str) -> None:
         engine = self.primary if which == "primary" else self.replica
@@ -229,15 +253,17 @@ class Store:
             return Accepted(req.id, req.conversation_id, req.user_message_id, created=False)
 
     def list_conversations(self, owner: str) -> list[dict]:
-        with self.session() as s:
+        def read(s: Session) -> list[dict]:
             rows = s.scalars(select(Conversation).where(Conversation.owner == owner)
                              .order_by(Conversation.updated_at.desc(), Conversation.created_at.desc()))
             return [{"id": c.id, "title": c.title, "created_at": c.created_at.isoformat(),
                      "updated_at": c.updated_at.isoformat()} for c in rows]
 
+        return self.replica_read(read)
+
     def list_messages(self, owner: str, conversation_id: str) -> list[dict]:
-        """The conversation's messages from the replica, oldest first."""
-        with self.session() as s:
+        """The conversation's messages from the replica (the primary while it is away), oldest first."""
+        def read(s: Session) -> list[dict]:
             if s.scalar(select(Conversation.id).where(Conversation.id == conversation_id,
                                                       Conversation.owner == owner)) is None:
                 raise NotFound(conversation_id)
@@ -245,6 +271,8 @@ class Store:
                              .order_by(Message.created_at, Message.role.desc()))
             return [{"id": m.id, "role": m.role, "content": m.content, "status": m.status,
                      "finish_reason": m.finish_reason, "created_at": m.created_at.isoformat()} for m in rows]
+
+        return self.replica_read(read)
 
     def delete_conversation(self, owner: str, conversation_id: str) -> None:
         with self.session(primary=True) as s:
