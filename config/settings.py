@@ -96,12 +96,14 @@ class Settings(BaseSettings):
     @computed_field
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or _local_pg(self.host, self.primary_port)
+        # Both local servers, the primary first: libpq takes the first that accepts writes, so a promoted
+        # replica is found without a restart.
+        return self.database_url or _local_pg(self.host, [self.primary_port, self.replica_port], "read-write")
 
     @computed_field
     @property
     def resolved_replica_url(self) -> str:
-        return self.replica_url or _local_pg(self.host, self.replica_port)
+        return self.replica_url or _local_pg(self.host, [self.replica_port])
 
     @computed_field
     @property
@@ -121,5 +123,9 @@ class Settings(BaseSettings):
         return "gen." + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _local_pg(host: str, port: int) -> str:
-    return f"postgresql+psycopg://chat@{host}:{port}/chat"
+def _local_pg(host: str, ports: list[int], session_attrs: str | None = None) -> str:
+    """The SQLAlchemy URL of the local servers on ``ports``, tried in turn (libpq's multi-host form)."""
+    if len(ports) == 1 and session_attrs is None:
+        return f"postgresql+psycopg://chat@{host}:{ports[0]}/chat"
+    hosts = "&".join(f"host={host}:{port}" for port in ports)
+    return f"postgresql+psycopg://chat@/chat?{hosts}" + (f"&target_session_attrs={session_attrs}" if session_attrs else "")

@@ -226,6 +226,15 @@ class PostgresPair:
             self._ctl(self.replica_dir, "start")
         wait_until(self._replica_streaming, 30, "replica streaming")
 
+    def pid(self, which: str) -> int:
+        """The process id of the ``primary``'s or the ``replica``'s postmaster."""
+        data = self.primary_dir if which == "primary" else self.replica_dir
+        return int((data / "postmaster.pid").read_text().split()[0])
+
+    def promote(self) -> None:
+        """Make the replica a primary (``pg_ctl promote``), as an operator or a failover manager would."""
+        _pg_run([str(self.bin / "pg_ctl"), "-D", str(self.replica_dir), "-w", "-t", "60", "promote"])
+
     def _replica_streaming(self) -> bool:
         with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat",
                              connect_timeout=2) as conn:

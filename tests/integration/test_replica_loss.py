@@ -29,8 +29,7 @@ def test_with_the_replica_gone_history_is_read_from_the_primary_and_the_web_stay
     conversation = accepted["conversation_id"]
     stack.pg.wait_replayed()
     want = client.messages(conversation).json()
-    postmaster = int((stack.pg.replica_dir / "postmaster.pid").read_text().split()[0])
-    os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown, as in a crash
+    os.kill(stack.pg.pid("replica"), signal.SIGQUIT)  # immediate shutdown, as in a crash
     try:
         deadline = time.monotonic() + 30
         while replica_answers(stack):

@@ -10,8 +10,10 @@ def test_defaults_point_at_local_servers():
     s = Settings(redis_port=7000, primary_port=7001, replica_port=7002)
     assert s.resolved_redis_url == "redis://127.0.0.1:7000/0"
     assert s.resolved_broker_url == s.resolved_redis_url
-    assert s.resolved_database_url.endswith("@127.0.0.1:7001/chat")
-    assert s.resolved_replica_url.endswith("@127.0.0.1:7002/chat")
+    # Writes: the primary, else whichever of the two accepts writes (a promoted replica).
+    assert s.resolved_database_url == ("postgresql+psycopg://chat@/chat?host=127.0.0.1:7001&host=127.0.0.1:7002"
+                                       "&target_session_attrs=read-write")
+    assert s.resolved_replica_url == "postgresql+psycopg://chat@127.0.0.1:7002/chat"
 
 
 def test_explicit_urls_win():
