@@ -83,10 +83,12 @@ def messages(conversation_id: str):
 
 @api.delete("/api/conversations/<conversation_id>")
 def delete_conversation(conversation_id: str):
+    svc = _services()
     try:
-        _services().store.delete_conversation(current_owner(), conversation_id)
+        requests = svc.store.delete_conversation(current_owner(), conversation_id)
     except NotFound:
         return error_response(ErrorCode.NOT_FOUND, "no such conversation")
+    streams.forget_requests(svc.redis, requests, svc.settings.stream_ttl_s)
     return "", 204
 
 

@@ -155,6 +155,8 @@ class Store:
     def __init__(self, primary_url: str, replica_url: str, pool_size: int = 5):
         kw = {"pool_size": pool_size, "max_overflow": 10, "connect_args": {"connect_timeout": 3}}
         self._replica_failed_at = -float("inf")
+        # hide_parameters: a failed statement's message text stays out of exceptions and logs.
+        kw["hide_parameters"] = True
         self.primary: Engine = create_engine(primary_url, **kw)
         self.replica: Engine = create_engine(replica_url, **kw)
         for engine in (self.primary, self.replica):
@@ -274,12 +276,16 @@ class Store:
 
         return self.replica_read(read)
 
-    def delete_conversation(self, owner: str, conversation_id: str) -> None:
+    def delete_conversation(self, owner: str, conversation_id: str) -> list[str]:
+        """Delete the caller's conversation with its messages and requests; return those requests' ids."""
         with self.session(primary=True) as s:
+            requests = list(s.scalars(select(ChatRequest.id).where(ChatRequest.conversation_id == conversation_id,
+                                                                   ChatRequest.owner == owner)))
             gone = s.execute(delete(Conversation).where(Conversation.id == conversation_id,
                                                         Conversation.owner == owner))
             if gone.rowcount == 0:
                 raise NotFound(conversation_id)
+            return requests
 
     # --- the worker -----------------------------------------------------------
 

@@ -50,6 +50,22 @@ def request_cancel(client: redis.Redis, request_id: str, ttl_s: int) -> None:
     client.set(cancel_key(request_id), "1", ex=ttl_s)
 
 
+# How long the stream of a deleted conversation's request is kept: long enough for a follower to read its end.
+FORGET_AFTER_S = 10
+
+
+def forget_requests(client: redis.Redis, request_ids: list[str], ttl_s: int) -> None:
+    """The conversation of these requests was deleted: stop any still generating, and let their streams (and
+    the text in them) go within :data:`FORGET_AFTER_S`."""
+    if not request_ids:
+        return
+    pipe = client.pipeline(transaction=False)
+    for request_id in request_ids:
+        pipe.set(cancel_key(request_id), "1", ex=ttl_s)
+        pipe.expire(stream_key(request_id), FORGET_AFTER_S)
+    pipe.execute()
+
+
 def _entry_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)

@@ -139,4 +139,6 @@ class RequestHandler:
             raise
         self.relay.send(request_id, done_frame(request_id, message_id, finish, prompt_tokens, completion_tokens,
                                                first_token_ms), wait=True)
+        if message_id is None:  # its conversation was deleted meanwhile: its text goes from Redis too
+            self.relay.forget(request_id)
         return finish

@@ -16,7 +16,7 @@ import time
 
 import redis
 
-from app.streams import cancel_key, stream_key
+from app.streams import FORGET_AFTER_S, cancel_key, stream_key
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class TokenRelay:
         if written is not None:
             self._flush.set()
             written.wait(timeout)
+
+    def forget(self, request_id: str) -> None:
+        """Let the request's stream go within :data:`app.streams.FORGET_AFTER_S` (its conversation was deleted)."""
+        try:
+            self.client.expire(stream_key(request_id), FORGET_AFTER_S)
+        except redis.RedisError as exc:
+            logger.warning("Could not shorten the stream of deleted request %s: %s", request_id, exc)
 
     def flush(self) -> None:
         """Write what is queued now (from the engine's thread: it does not wait for the write)."""

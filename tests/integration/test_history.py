@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import redis
+
+from app import streams
+from scripts.services import free_port, start_web
+from tests.conftest import Client
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +81,34 @@ def test_nobody_reaches_a_conversation_that_is_not_theirs(stack, client, other_c
         assert (reply["type"], reply["code"]) == ("error", "not_found"), reply
     assert stack.count("messages") == before
     assert client.messages(conversation_id).status_code == 200
+
+
+def test_deleting_a_conversation_mid_reply_stops_the_reply_and_its_text_leaves_redis(stack):
+    settings = stack.settings.model_copy(update={"web_port": free_port(), "max_new_tokens_cap": 400})
+    web = start_web(settings, stack.root / "logs")
+    client = Client(f"http://127.0.0.1:{settings.web_port}")
+    r = redis.Redis(port=settings.redis_port, decode_responses=True)
+    try:
+        first, _, _ = client.chat("Say hi.", max_new_tokens=4)
+        conversation = first["conversation_id"]
+        accepted = client.ask({"type": "chat", "content": "Write a long story about a robot who learns to paint.",
+                               "conversation_id": conversation, "max_new_tokens": 400})
+        assert client.recv()["type"] == "token"
+        res = client.http.delete(f"{client.base_url}/api/conversations/{conversation}", timeout=10)
+        assert res.status_code == 204
+        _, done = client.until_done(accepted["request_id"])
+        assert done["finish_reason"] == "cancelled" and done["message_id"] is None, done
+        assert done["usage"]["completion_tokens"] < 400  # stopped, not run to its end
+        # The text leaves Redis soon (the worker shortens its stream just after it writes its `done`).
+        deadline = time.monotonic() + 10
+        while not all(0 < r.ttl(streams.stream_key(rid)) <= streams.FORGET_AFTER_S
+                      for rid in (first["request_id"], accepted["request_id"])):
+            assert time.monotonic() < deadline, "the streams of the deleted conversation are kept"
+            time.sleep(0.05)
+        with stack.primary() as conn:
+            assert conn.execute("SELECT count(*) FROM messages WHERE conversation_id = %s",
+                                (conversation,)).fetchone()[0] == 0
+    finally:
+        client.close()
+        web.stop()
+        r.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DataError
 
 from app.storage import NotFound, Store, hung_up
 
@@ -139,3 +141,10 @@ def test_hung_up_tells_an_ended_connection_from_an_idle_one(stack):
         assert not hung_up(conn)
         _terminate(stack.primary, conn.info.backend_pid)
         assert hung_up(conn)
+
+
+def test_a_failed_statement_keeps_its_parameters_out_of_the_error_and_the_log(store):
+    with pytest.raises(DataError) as failed:
+        with store.session(primary=True) as s:
+            s.execute(text("SELECT length(:secret) / 0"), {"secret": "a private message"})
+    assert "a private message" not in str(failed.value)
