@@ -131,8 +131,19 @@ class Client:
     def send(self, frame: dict | str, ws=None) -> None:
         (ws or self.ws).send(frame if isinstance(frame, str) else json.dumps(frame))
 
-    def recv(self, ws=None) -> dict:
-        return json.loads((ws or self.ws).recv())
+    def recv(self, ws=None, timeout: float = 120) -> dict:
+        """The next text frame; TimeoutError after ``timeout`` s even while the server's pings keep coming
+        (a plain ``recv()`` answers them and reads on, so its socket timeout never fires)."""
+        ws = ws or self.ws
+        deadline = time.monotonic() + timeout
+        while True:
+            opcode, frame = ws.recv_data_frame(True)
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                return json.loads(frame.data)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise websocket.WebSocketConnectionClosedException("closed by the server")
+            if time.monotonic() > deadline:
+                raise TimeoutError("no frame from the server")
 
     def ask(self, frame: dict | str, ws=None) -> dict:
         self.send(frame, ws)
