@@ -101,6 +101,8 @@ def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cance
         data = json.loads(raw)
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is nested too deeply") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
     if "type" not in data:

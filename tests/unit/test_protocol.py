@@ -111,3 +111,11 @@ def test_an_accepted_chat_holds_only_text_that_can_be_stored(text, field):
         if value is not None:
             assert "\x00" not in value
             value.encode("utf-8")  # no lone surrogate
+
+
+@pytest.mark.parametrize("raw", ["[" * 5000, '{"a":' * 3000, '{"type": "chat", "content": "x", "max_new_tokens": '
+                                 + "9" * 5000 + "}"])
+def test_deep_nesting_and_endless_numbers_are_bad_requests(raw):
+    with pytest.raises(ProtocolError) as refused:
+        parse(raw)
+    assert refused.value.code == ErrorCode.BAD_REQUEST
