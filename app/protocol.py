@@ -153,3 +153,12 @@ def done_frame(request_id: str, message_id: str | None, finish_reason: str, prom
     if engine_first_token_ms is not None:
         frame["timing"] = {"engine_first_token_ms": round(engine_first_token_ms, 1)}
     return frame
+
+
+def stored_done_frame(request_id: str, reply) -> dict:
+    """`done` for a request whose token stream has expired, from its stored reply: ``content`` holds the
+    whole reply, to stand in for the tokens the client missed."""
+    frame = done_frame(request_id, reply.id, reply.finish_reason or "stop", reply.prompt_tokens or 0,
+                       reply.completion_tokens or 0)
+    frame["content"] = reply.content
+    return frame

@@ -300,6 +300,12 @@ class Store:
                       for r in rows if r.is_reply), None)
         return PromptRequest(request_id, rows[0].conversation_id, dict(rows[0].params), history, reply)
 
+    def stored_reply(self, request_id: str) -> Message | None:
+        """The request's assistant message, if it is stored (on the primary: it may be a moment old)."""
+        with self.session(primary=True) as s:
+            return s.scalars(select(Message).where(Message.request_id == request_id,
+                                                   Message.role == "assistant")).first()
+
     def store_reply(self, request_id: str, conversation_id: str, content: str, finish_reason: str,
                     prompt_tokens: int, completion_tokens: int) -> str | None:
         """Insert the assistant message once; return its id (the first one's on a repeat).

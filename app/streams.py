@@ -46,6 +46,10 @@ def stream_events(client: redis.Redis, request_id: str) -> list[dict]:
     return [json.loads(f["frame"]) for _, f in client.xrange(stream_key(request_id))]
 
 
+def has_stream(client: redis.Redis, request_id: str) -> bool:
+    return bool(client.exists(stream_key(request_id)))
+
+
 def request_cancel(client: redis.Redis, request_id: str, ttl_s: int) -> None:
     client.set(cancel_key(request_id), "1", ex=ttl_s)
 

@@ -24,6 +24,7 @@ from app.protocol import (
     accepted_frame,
     error_frame,
     parse_client_frame,
+    stored_done_frame,
 )
 from app.queue import QueueUnavailable
 from app.storage import NotFound
@@ -128,6 +129,12 @@ class Connection:
     def resume(self, frame: Resume) -> None:
         if not self.svc.store.owns_request(self.owner, frame.request_id):
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such request", frame.request_id)
+        if not streams.has_stream(self.svc.redis, frame.request_id):
+            # No stream: not started yet (then it comes), or long done and expired: answered from storage.
+            reply = self.svc.store.stored_reply(frame.request_id)
+            if reply is not None:
+                self.send(stored_done_frame(frame.request_id, reply))
+                return
         self.follow(frame.request_id, frame.after_seq)
 
     def follow(self, request_id: str, after_seq: int) -> None:

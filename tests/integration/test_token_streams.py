@@ -100,3 +100,19 @@ def test_followers_get_the_error_when_redis_goes_away(tmp_path):
             next(streams.follow(hub, rid))
     finally:
         server.stop()
+
+
+def test_a_resume_after_the_stream_expired_is_answered_from_the_stored_reply(stack, client):
+    accepted, tokens, done = client.chat("What is the capital of France?", max_new_tokens=16)
+    r = redis.Redis(port=stack.settings.redis_port)
+    try:
+        r.pexpire(streams.stream_key(accepted["request_id"]), 1)  # its TTL runs out
+        time.sleep(0.05)
+        assert not r.exists(streams.stream_key(accepted["request_id"]))
+    finally:
+        r.close()
+    again = client.ask({"type": "resume", "request_id": accepted["request_id"], "after_seq": 1})
+    assert again["type"] == "done" and again["message_id"] == done["message_id"], again
+    assert again["finish_reason"] == done["finish_reason"] and again["usage"] == done["usage"]
+    assert again["content"] == "".join(t["text"] for t in tokens)
+    assert client.ask({"type": "ping"}) == {"type": "pong"}
