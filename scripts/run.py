@@ -1,7 +1,8 @@
 """``make run``: start the whole stack on loopback in the foreground; Ctrl-C stops it all.
 
 Redis, a PostgreSQL primary and streaming replica, migrations, one Celery
-worker with the model, the web server and Flower, all in the data folder.
+worker with the model, the web server and Flower, all in the data folder. A
+server that exits is started again, as an orchestrator's restart policy would.
 """
 
 from __future__ import annotations
@@ -20,13 +21,45 @@ from workers.launch import visible_gpus
 logger = logging.getLogger("run")
 
 
+class Supervised:
+    """A server ``make run`` keeps up: started by ``start``, started again (after a growing pause while it keeps
+    dying) when it exits, as an orchestrator's restart policy would."""
+
+    def __init__(self, name: str, start):
+        self.name, self.start = name, start
+        self.proc = start()
+        self.failures = 0
+        self.restart_at: float | None = None
+
+    def check(self, now: float) -> None:
+        if self.restart_at is None:
+            if self.proc.alive():
+                self.failures = 0
+                return
+            self.failures += 1
+            delay = min(2 ** (self.failures - 1), 30)
+            logger.error("%s exited (%s); restarting it in %ds; see %s", self.name, self.proc.proc.returncode, delay,
+                         self.proc.log_path)
+            self.restart_at = now + delay
+        elif now >= self.restart_at:
+            self.restart_at = None
+            try:
+                self.proc = self.start()
+                logger.info("%s restarted", self.name)
+            except Exception:
+                logger.exception("%s did not start again", self.name)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     data = settings.data_dir.resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    started = []
+    started: list[Supervised] = []
     pg = PostgresPair(data / "pg", settings.primary_port, settings.replica_port)
 
     def stop_all(*_):
@@ -37,7 +70,7 @@ def main() -> int:
     try:
         pg.check_reachable()  # before anything starts
         logger.info("Starting Redis on port %d", settings.redis_port)
-        started.append(start_redis(settings.redis_port, data / "redis", logs))
+        started.append(Supervised("Redis", lambda: start_redis(settings.redis_port, data / "redis", logs)))
         logger.info("Starting PostgreSQL primary on %d and replica on %d", settings.primary_port,
                     settings.replica_port)
         pg.start()
@@ -46,19 +79,16 @@ def main() -> int:
         gpus = visible_gpus(settings.gpus)
         count = len(gpus) or settings.cpu_workers
         logger.info("Starting %d worker(s) on queue %s (loading %s)", count, settings.queue, settings.model)
-        started.append(start_launcher(settings, logs, count))
+        started.append(Supervised("the workers' launcher", lambda: start_launcher(settings, logs, count)))
         logger.info("Starting the web server")
-        started.append(start_web(settings, logs))
-        started.append(start_flower(settings, logs))
+        started.append(Supervised("the web server", lambda: start_web(settings, logs)))
+        started.append(Supervised("Flower", lambda: start_flower(settings, logs)))
         print(f"\n  Chat page: http://{settings.host}:{settings.web_port}/"
               f"\n  Flower:    http://{settings.host}:{settings.flower_port}/"
               f"\n  Logs:      {logs}/\n\n  Press Ctrl-C to stop.\n", flush=True)
         while True:
-            for proc in started:
-                if not proc.alive():
-                    logger.error("%s exited (%s); stopping; see %s", proc.name, proc.proc.returncode,
-                                 proc.log_path)
-                    return 1
+            for service in started:
+                service.check(time.monotonic())
             time.sleep(1)
     except KeyboardInterrupt:
         logger.info("Stopping")
@@ -71,8 +101,8 @@ def main() -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for proc in reversed(started):
-            proc.stop()
+        for service in reversed(started):
+            service.stop()
         pg.stop()
         logger.info("Everything stopped")
 
