@@ -12,7 +12,7 @@ from app.admission import Admission
 from app.queue import QueueClient
 from app.storage import Store
 from config.logging import configure_logging
-from config.settings import Settings
+from config.settings import DEFAULT_SECRET_KEY, Settings, on_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
+    if settings.secret_key == DEFAULT_SECRET_KEY and not on_loopback(settings.host):
+        raise RuntimeError(f"CHAT_SECRET_KEY is the published default, and the web tier would listen on "
+                           f"{settings.host}: anyone could sign a session cookie. Set CHAT_SECRET_KEY to a long "
+                           f"random value (python -c 'import secrets; print(secrets.token_urlsafe(48))').")
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=settings.secret_key,

@@ -178,12 +178,18 @@ def websocket(ws):
         metrics.OPEN_SOCKETS.dec()
 
 
+# Requests that change something: a foreign page must not send them with the caller's cookie.
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 def check_origin_and_identify() -> None:
-    """Before the handshake: refuse foreign origins, and fix who the caller is."""
-    if request.path != "/ws":
+    """Before the handshake, and before any request that changes something: refuse foreign origins; then fix who
+    the caller of the socket is."""
+    if request.path != "/ws" and request.method not in UNSAFE_METHODS:
         return
     origin = request.headers.get("Origin")
     allowed = current_app.extensions["chat"].settings.allowed_origins
     if origin and origin not in allowed and origin.split("://", 1)[-1] != request.host:
         abort(403, description="origin not allowed")
-    request.environ["chat.owner"] = current_owner()
+    if request.path == "/ws":
+        request.environ["chat.owner"] = current_owner()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
+# Signs session cookies; accepted only while the servers listen on loopback.
+DEFAULT_SECRET_KEY = "change-me-in-production"
 
 
 class Settings(BaseSettings):
@@ -78,7 +81,9 @@ class Settings(BaseSettings):
     # Web server.
     web_workers: int = Field(1, ge=1)
     web_threads: int = Field(64, ge=4)
-    secret_key: str = "change-me-in-production"
+    secret_key: str = DEFAULT_SECRET_KEY
+    # Flower's basic auth, "user:password"; `make run` makes one up (and prints it) where it is empty.
+    flower_basic_auth: str = ""
 
     log_level: str = "INFO"
     log_json: bool = False
@@ -121,6 +126,16 @@ class Settings(BaseSettings):
             return self.model_queue
         name = Path(self.model.rstrip("/")).name or self.model
         return "gen." + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def on_loopback(host: str) -> bool:
+    """Whether ``host`` (an address servers listen on) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _local_pg(host: str, ports: list[int], session_attrs: str | None = None) -> str:

@@ -8,6 +8,7 @@ server that exits is started again, as an orchestrator's restart policy would.
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ class Supervised:
 
 def main() -> int:
     settings = Settings()
+    if not settings.flower_basic_auth:  # Flower shows every task: never without a password
+        settings = settings.model_copy(update={"flower_basic_auth": f"admin:{secrets.token_urlsafe(12)}"})
     configure_logging(settings.log_level, settings.log_json)
     data = settings.data_dir.resolve()
     logs = data / "logs"
@@ -84,7 +87,8 @@ def main() -> int:
         started.append(Supervised("the web server", lambda: start_web(settings, logs)))
         started.append(Supervised("Flower", lambda: start_flower(settings, logs)))
         print(f"\n  Chat page: http://{settings.host}:{settings.web_port}/"
-              f"\n  Flower:    http://{settings.host}:{settings.flower_port}/"
+              f"\n  Flower:    http://{settings.host}:{settings.flower_port}/ (basic auth "
+              f"{settings.flower_basic_auth})"
               f"\n  Logs:      {logs}/\n\n  Press Ctrl-C to stop.\n", flush=True)
         while True:
             for service in started:

@@ -314,9 +314,13 @@ def start_web(settings: Settings, log_dir: Path | None) -> Process:
 
 
 def start_flower(settings: Settings, log_dir: Path | None) -> Process:
-    env = {**settings_env(settings), "FLOWER_UNAUTHENTICATED_API": "true"}
+    """Flower behind basic auth (``CHAT_FLOWER_BASIC_AUTH``): its pages and API show every task."""
+    if ":" not in settings.flower_basic_auth:
+        raise SetupError("CHAT_FLOWER_BASIC_AUTH must be user:password: Flower is not started without it")
+    env = settings_env(settings)
     argv = [sys.executable, "-m", "celery", "--broker", settings.resolved_broker_url, "flower",
-            f"--address={settings.host}", f"--port={settings.flower_port}"]
+            f"--address={settings.host}", f"--port={settings.flower_port}",
+            f"--basic-auth={settings.flower_basic_auth}"]
     proc = Process("flower", argv, env=env, log_dir=log_dir)
     url = f"http://{settings.host}:{settings.flower_port}/healthcheck"
     wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60, "flower", proc.proc)

@@ -76,6 +76,7 @@ def make_settings(root: Path, **overrides) -> Settings:
                   web_port=free_port(), flower_port=free_port(), model=str(DEFAULT_MODEL_DIR),
                   default_max_new_tokens=16, max_new_tokens_cap=48, max_content_chars=2000,
                   max_frame_bytes=8192, web_threads=16, secret_key="test-secret", worker_heartbeat_s=1,
+                  flower_basic_auth="flower:test-pass",
                   max_batch=4, engine_max_tokens=1024,
                   # Many chats come from one caller here; tests/integration/test_admission.py tests the limit.
                   rate_limit_per_minute=0)

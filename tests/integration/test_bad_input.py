@@ -103,3 +103,13 @@ def test_foreign_origin_is_refused(stack):
         websocket.create_connection(f"ws://127.0.0.1:{stack.settings.web_port}/ws",
                                     origin="http://evil.example", timeout=10)
     assert err.value.status_code == 403
+
+
+def test_a_delete_from_a_foreign_page_is_refused_and_deletes_nothing(stack, client):
+    accepted, _, _ = client.chat("Keep this.", max_new_tokens=2)
+    url = f"{client.base_url}/api/conversations/{accepted['conversation_id']}"
+    res = client.http.delete(url, headers={"Origin": "http://evil.example"}, timeout=10)
+    assert res.status_code == 403 and res.json()["error"]["code"] == "unauthorized"
+    stack.pg.wait_replayed()
+    assert client.messages(accepted["conversation_id"]).status_code == 200
+    assert client.http.delete(url, headers={"Origin": client.base_url}, timeout=10).status_code == 204

@@ -29,9 +29,11 @@ def test_metrics(stack, client):
     assert 'chat_frames_received_total{type="ping"}' in text
 
 
-def test_flower_sees_the_worker(stack):
+def test_flower_sees_the_worker_behind_basic_auth(stack):
     url = f"http://127.0.0.1:{stack.settings.flower_port}/api/workers?refresh=1"
-    workers = requests.get(url, timeout=30).json()
+    assert requests.get(url, timeout=30).status_code == 401
+    assert requests.get(url, timeout=30, auth=("flower", "wrong")).status_code == 401
+    workers = requests.get(url, timeout=30, auth=("flower", "test-pass")).json()
     assert any(name.startswith("cpu0@") for name in workers), workers
 
 
