@@ -123,5 +123,7 @@ def _drain(**_):
 def _stop(**_):
     if "stop" in _runtime:
         _runtime["stop"].set()
+    if "leases" in _runtime:  # nothing is held any more: what ran here was finished or handed back
+        _runtime["leases"].stop()
     if "engine" in _runtime:
         _runtime["engine"].stop()
