@@ -17,7 +17,7 @@ from config.logging import configure_logging
 from config.settings import Settings
 from scripts.services import (PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis,
                              start_web)
-from workers.launch import visible_gpus
+from workers.launch import STABLE_AFTER_S, restart_delay, visible_gpus
 
 logger = logging.getLogger("run")
 
@@ -29,23 +29,25 @@ class Supervised:
     def __init__(self, name: str, start):
         self.name, self.start = name, start
         self.proc = start()
-        self.failures = 0
+        self.started_at = time.monotonic()
+        self.failures = 0  # exits in a row, each soon after its start
         self.restart_at: float | None = None
 
     def check(self, now: float) -> None:
         if self.restart_at is None:
             if self.proc.alive():
-                self.failures = 0
                 return
-            self.failures += 1
-            delay = min(2 ** (self.failures - 1), 30)
-            logger.error("%s exited (%s); restarting it in %ds; see %s", self.name, self.proc.proc.returncode, delay,
-                         self.proc.log_path)
+            # As the launcher counts its workers' failures: one that ran a while starts the count again.
+            self.failures = self.failures + 1 if now - self.started_at < STABLE_AFTER_S else 1
+            delay = restart_delay(self.failures)  # the launcher's policy for its workers
+            logger.error("%s exited (%s); restarting it in %.0fs; see %s", self.name, self.proc.proc.returncode,
+                         delay, self.proc.log_path)
             self.restart_at = now + delay
         elif now >= self.restart_at:
             self.restart_at = None
             try:
                 self.proc = self.start()
+                self.started_at = time.monotonic()
                 logger.info("%s restarted", self.name)
             except Exception:
                 logger.exception("%s did not start again", self.name)
