@@ -9,6 +9,7 @@ costs a refusal rather than an unbounded wait.
 from __future__ import annotations
 
 import math
+import threading
 
 from app.protocol import ErrorCode, ProtocolError
 
@@ -32,6 +33,24 @@ return tostring(wait)
 """
 
 
+class TokenBucket:
+    """Per-key token buckets in Redis: ``rate_per_minute`` tokens a minute, at most ``burst`` held."""
+
+    def __init__(self, redis_client, prefix: str, rate_per_minute: float, burst: int):
+        self.prefix = prefix
+        self.rate = rate_per_minute / 60
+        self.burst = burst
+        self._take = redis_client.register_script(_TAKE_TOKEN)
+
+    def take(self, key: str) -> float:
+        """Take a token of ``key``'s bucket: 0 if one was there, else the seconds until one will be. A rate of 0
+        means no limit."""
+        if self.rate <= 0:
+            return 0.0
+        wait = float(self._take(keys=[self.prefix + key], args=[self.rate, self.burst]))
+        return math.ceil(wait * 10) / 10 if wait > 0 else 0.0
+
+
 class Admission:
     """Decides, before a chat is stored, whether the backend takes it now."""
 
@@ -40,9 +59,7 @@ class Admission:
         self.queue = queue
         self.max_queue_depth = max_queue_depth
         self.busy_retry_after_s = busy_retry_after_s
-        self.rate = rate_per_minute / 60
-        self.burst = rate_burst
-        self._take = redis_client.register_script(_TAKE_TOKEN)
+        self.buckets = TokenBucket(redis_client, RATE_PREFIX, rate_per_minute, rate_burst)
 
     def admit(self, caller: str) -> None:
         """Return if ``caller`` may send a chat now; else raise ``busy`` or ``rate_limited`` with ``retry_after``."""
@@ -50,9 +67,26 @@ class Admission:
         if waiting >= self.max_queue_depth:
             raise ProtocolError(ErrorCode.BUSY, f"the model's queue is full ({waiting} waiting); try again later",
                                 retry_after=self.busy_retry_after_s)
-        if self.rate <= 0:
-            return
-        wait = float(self._take(keys=[RATE_PREFIX + caller], args=[self.rate, self.burst]))
+        wait = self.buckets.take(caller)
         if wait > 0:
-            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; try again later",
-                                retry_after=math.ceil(wait * 10) / 10)
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; try again later", retry_after=wait)
+
+
+class SocketSlots:
+    """The WebSockets one web process holds, up to a limit: a handshake past it is refused at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.held -= 1

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, abort, current_app, jsonify, send_from_directory
+from flask import Blueprint, abort, current_app, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import streams
 from app.errors import error_response
-from app.identity import current_owner
+from app.identity import Unauthorized, bearer_token, current_owner
 from app.protocol import ErrorCode, unstorable
 from app.storage import NotFound
 
@@ -33,8 +33,24 @@ def refuse_unstorable_ids(endpoint, values) -> None:
 
 @api.get("/")
 def index():
-    current_owner()  # issue the caller's cookie before the page opens its socket
     return send_from_directory(api.static_folder, "index.html")
+
+
+@api.post("/api/guest")
+def guest():
+    """``{"token", "expires_in"}``: a guest token, for a page of an allowed origin, where guests are allowed. A
+    guest token sent as ``Authorization: Bearer`` (even expired) renews into one for the same guest."""
+    svc = _services()
+    if not svc.settings.guests:
+        raise Unauthorized("guests are not allowed here: the site that embeds this backend signs its users in")
+    if not request.headers.get("Origin"):
+        abort(403, description="guest tokens are issued to pages of allowed origins (no Origin header)")
+    wait = svc.guest_buckets.take(request.remote_addr or "unknown")
+    if wait > 0:
+        res, status = error_response(ErrorCode.RATE_LIMITED, "too many guest tokens from this address; try later")
+        return res, status, {"Retry-After": str(max(1, round(wait)))}
+    token, ttl = svc.identities.guest_token(bearer_token())
+    return jsonify({"token": token, "expires_in": ttl})
 
 
 @api.get("/healthz")

@@ -9,13 +9,14 @@ from flask import Flask, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from app.identity import Unauthorized
 from app.protocol import HTTP_STATUS, ErrorCode
 
 logger = logging.getLogger(__name__)
 
 _HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.UNAUTHORIZED,
                404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE,
-               429: ErrorCode.RATE_LIMITED}
+               429: ErrorCode.RATE_LIMITED, 503: ErrorCode.UNAVAILABLE}
 
 
 def error_response(code: ErrorCode, message: str, status: int | None = None):
@@ -28,6 +29,11 @@ def register_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException):
         code = _HTTP_CODES.get(exc.code, ErrorCode.INTERNAL if exc.code >= 500 else ErrorCode.BAD_REQUEST)
         return error_response(code, exc.description or exc.name, exc.code)
+
+    @app.errorhandler(Unauthorized)
+    def _unauthorized(exc: Unauthorized):
+        res, status = error_response(ErrorCode.UNAUTHORIZED, str(exc))
+        return res, status, {"WWW-Authenticate": 'Bearer realm="chat"'}
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(redis.RedisError)

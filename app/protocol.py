@@ -75,7 +75,14 @@ class Ping(_Frame):
     type: Literal["ping"]
 
 
-ClientFrame = Annotated[Chat | Cancel | Resume | Ping, Field(discriminator="type")]
+class Auth(_Frame):
+    """Signs the socket in: the JWT that ``?token=`` would carry (answered ``authenticated``)."""
+
+    type: Literal["auth"]
+    token: Annotated[StrictStr, Field(min_length=1, max_length=8192)]
+
+
+ClientFrame = Annotated[Chat | Cancel | Resume | Ping | Auth, Field(discriminator="type")]
 _client_frame = TypeAdapter(ClientFrame)
 
 
@@ -93,7 +100,7 @@ def unstorable(text: str) -> str | None:
     return None
 
 
-def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cancel | Resume | Ping:
+def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cancel | Resume | Ping | Auth:
     """Parse one text frame or raise :class:`ProtocolError` with the contract's code."""
     if isinstance(raw, bytes):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frames must be text (JSON), not binary")
@@ -107,7 +114,7 @@ def parse_client_frame(raw: str | bytes, max_content_chars: int) -> Chat | Cance
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
     if "type" not in data:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame has no 'type'")
-    if data["type"] not in ("chat", "cancel", "resume", "ping"):
+    if data["type"] not in ("chat", "cancel", "resume", "ping", "auth"):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown frame type {str(data['type'])[:40]!r}")
     try:
         frame = _client_frame.validate_python(data)

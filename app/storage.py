@@ -69,7 +69,7 @@ class Conversation(Base):
     __tablename__ = "conversations"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(128), index=True)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
     title: Mapped[str] = mapped_column(String(TITLE_CHARS), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -103,7 +103,7 @@ class ChatRequest(Base):
     __table_args__ = (UniqueConstraint("owner", "client_id", name="uq_chat_requests_owner_client_id"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(128))
+    owner: Mapped[str] = mapped_column(String(255))
     client_id: Mapped[str | None] = mapped_column(String(128))
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
     user_message_id: Mapped[str] = mapped_column(String(32))

@@ -6,9 +6,11 @@ import logging
 from dataclasses import dataclass
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import streams
-from app.admission import Admission
+from app.admission import Admission, SocketSlots, TokenBucket
+from app.identity import Identities
 from app.queue import QueueClient
 from app.storage import Store
 from config.logging import configure_logging
@@ -27,41 +29,49 @@ class Services:
     queue: QueueClient
     hub: streams.StreamHub
     admission: Admission
+    identities: Identities
+    guest_buckets: TokenBucket
+    sockets: SocketSlots
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web app: settings, store, queue client, WebSocket, REST, errors."""
     from app.api import api
     from app.errors import register_error_handlers
-    from app.ws import check_origin_and_identify, sock
+    from app.ws import check_origin_and_identify, release_socket_slot, sock
 
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
     if settings.secret_key == DEFAULT_SECRET_KEY and not on_loopback(settings.host):
         raise RuntimeError(f"CHAT_SECRET_KEY is the published default, and the web tier would listen on "
-                           f"{settings.host}: anyone could sign a session cookie. Set CHAT_SECRET_KEY to a long "
+                           f"{settings.host}: anyone could sign a guest token. Set CHAT_SECRET_KEY to a long "
                            f"random value (python -c 'import secrets; print(secrets.token_urlsafe(48))').")
     app = Flask(__name__)
+    if settings.proxy_hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops,
+                                x_host=settings.proxy_hops)
     app.config.update(
-        SECRET_KEY=settings.secret_key,
-        SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_HTTPONLY=True,
         # Frames over the limit close the socket with 1009 (simple-websocket does it).
         SOCK_SERVER_OPTIONS={"max_message_size": settings.max_frame_bytes, "ping_interval": 25},
     )
-    redis_client = streams.connect(settings.resolved_redis_url, max_connections=4 * settings.web_threads)
+    redis_client = streams.connect(settings.resolved_redis_url, max_connections=4 * settings.web_pool_size)
     queue = QueueClient(settings, redis_client)
     app.extensions["chat"] = Services(
         settings=settings,
         store=Store(settings.resolved_database_url, settings.resolved_replica_url,
-                    pool_size=min(settings.web_threads, 20)),
+                    pool_size=min(settings.web_pool_size, 20)),
         redis=redis_client,
         queue=queue,
         hub=streams.StreamHub(redis_client),
         admission=Admission(redis_client, queue, settings.max_queue_depth, settings.busy_retry_after_s,
                             settings.rate_limit_per_minute, settings.rate_limit_burst),
+        identities=Identities(settings),
+        guest_buckets=TokenBucket(redis_client, "guest-rate:", settings.guest_rate_per_minute,
+                                  settings.guest_rate_burst),
+        sockets=SocketSlots(settings.max_sockets),
     )
     app.before_request(check_origin_and_identify)
+    app.teardown_request(release_socket_slot)
     sock.init_app(app)
     app.register_blueprint(api)
     register_error_handlers(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 
 import redis
@@ -13,8 +14,10 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 
 from app import metrics, streams
-from app.identity import current_owner
+from app.errors import error_response
+from app.identity import Unauthorized, bearer_token
 from app.protocol import (
+    Auth,
     Cancel,
     Chat,
     ErrorCode,
@@ -39,7 +42,7 @@ UNAVAILABLE = "a backing service is unavailable; nothing was stored, try again"
 class Connection:
     """One client's socket: the receive loop here, one follower thread per request it watches."""
 
-    def __init__(self, ws, services, owner: str):
+    def __init__(self, ws, services, owner: str | None):
         self.ws = ws
         self.svc = services
         self.owner = owner
@@ -56,7 +59,9 @@ class Connection:
         if frame["type"] == "error":
             metrics.ERRORS.labels(frame["code"]).inc()
 
-    def serve(self) -> None:
+    def serve(self, auth_error: str | None = None) -> None:
+        if auth_error:
+            self.send(error_frame(ProtocolError(ErrorCode.UNAUTHORIZED, auth_error)))
         try:
             while True:
                 raw = self.ws.receive()
@@ -73,14 +78,19 @@ class Connection:
         try:
             frame = parse_client_frame(raw, self.svc.settings.max_content_chars)
             metrics.FRAMES_IN.labels(frame.type).inc()
-            if isinstance(frame, Chat):
+            if isinstance(frame, Auth):
+                self.auth(frame)
+            elif isinstance(frame, Ping):
+                self.send({"type": "pong"})
+            elif self.owner is None:
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "not signed in: connect with ?token=<JWT> or send "
+                                    "an auth frame first", getattr(frame, "request_id", None))
+            elif isinstance(frame, Chat):
                 self.chat(frame)
             elif isinstance(frame, Cancel):
                 self.cancel(frame)
             elif isinstance(frame, Resume):
                 self.resume(frame)
-            elif isinstance(frame, Ping):
-                self.send({"type": "pong"})
         except ProtocolError as exc:
             self.send(error_frame(exc))
         except (OperationalError, redis.RedisError) as exc:
@@ -91,6 +101,17 @@ class Connection:
         except Exception:
             logger.exception("Unhandled error on a %s frame", getattr(frame, "type", "malformed"))
             self.send(error_frame(ProtocolError(ErrorCode.INTERNAL, "internal error")))
+
+    def auth(self, frame: Auth) -> None:
+        """Sign the socket in (or renew its token): the caller may not change on an open socket."""
+        try:
+            owner = self.svc.identities.owner(frame.token)
+        except Unauthorized as exc:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+        if self.owner is not None and owner != self.owner:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "this socket is signed in as another caller; open a new one")
+        self.owner = owner
+        self.send({"type": "authenticated"})
 
     def chat(self, frame: Chat) -> None:
         settings = self.svc.settings
@@ -173,23 +194,41 @@ def websocket(ws):
     svc = current_app.extensions["chat"]
     metrics.OPEN_SOCKETS.inc()
     try:
-        Connection(ws, svc, request.environ["chat.owner"]).serve()
+        Connection(ws, svc, request.environ.get("chat.owner")).serve(request.environ.get("chat.auth_error"))
     finally:
         metrics.OPEN_SOCKETS.dec()
 
 
-# Requests that change something: a foreign page must not send them with the caller's cookie.
+# Requests that change something: a foreign page must not send them.
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def check_origin_and_identify() -> None:
-    """Before the handshake, and before any request that changes something: refuse foreign origins; then fix who
-    the caller of the socket is."""
+def check_origin_and_identify():
+    """Before the handshake, and before any request that changes something: refuse foreign origins. Then, for
+    the handshake: refuse it at once (503) past the process's socket limit, and find the caller of its token."""
     if request.path != "/ws" and request.method not in UNSAFE_METHODS:
         return
     origin = request.headers.get("Origin")
-    allowed = current_app.extensions["chat"].settings.allowed_origins
-    if origin and origin not in allowed and origin.split("://", 1)[-1] != request.host:
+    svc = current_app.extensions["chat"]
+    if origin and origin not in svc.settings.allowed_origins and origin.split("://", 1)[-1] != request.host:
         abort(403, description="origin not allowed")
-    if request.path == "/ws":
-        request.environ["chat.owner"] = current_owner()
+    if request.path != "/ws":
+        return
+    if not svc.sockets.acquire():
+        metrics.ERRORS.labels(ErrorCode.BUSY.value).inc()
+        res, status = error_response(ErrorCode.BUSY, f"this web process holds its limit of "
+                                     f"{svc.settings.max_sockets} sockets; try again later")
+        return res, status, {"Retry-After": str(math.ceil(svc.settings.busy_retry_after_s))}
+    request.environ["chat.socket_slot"] = True
+    token = bearer_token()
+    if token:
+        try:
+            request.environ["chat.owner"] = svc.identities.owner(token)
+        except Unauthorized as exc:
+            request.environ["chat.auth_error"] = str(exc)
+
+
+def release_socket_slot(_exc=None) -> None:
+    """After the handshake's request ends (its socket closed, or refused before it opened): free its slot."""
+    if request.environ.pop("chat.socket_slot", False):
+        current_app.extensions["chat"].sockets.release()

@@ -1,27 +1,52 @@
 """gunicorn settings for the web tier: ``gunicorn -c config/gunicorn.py 'app.web:create_app()'``."""
 
 import logging
+import resource
 
 from config.heap import freeze_heap
+from config.logging import RedactFilter
 from config.settings import Settings
 
 _settings = Settings()
 
+# Headroom over the socket limit for plain HTTP (health checks, history, metrics) and refused handshakes.
+HTTP_HEADROOM = 1000
+
 bind = f"{_settings.host}:{_settings.web_port}"
-# flask-sock needs threads: each open WebSocket holds one for its lifetime, so
-# size threads for peak sockets plus plain HTTP, or HTTP requests queue behind them.
-worker_class = "gthread"
+# Each open WebSocket holds a greenlet (and simple-websocket's reader greenlet), not a thread: one process holds
+# thousands. The app refuses handshakes past CHAT_MAX_SOCKETS itself (503), so gunicorn's own limit, which
+# would leave connections waiting unanswered, is never the one reached.
+worker_class = "gevent"
 workers = _settings.web_workers
-threads = _settings.web_threads
+worker_connections = _settings.max_sockets + HTTP_HEADROOM
 timeout = 60
 graceful_timeout = 5
 keepalive = 5
 control_socket_disable = True
 accesslog = None
+# Where an access log is turned on (--access-logfile): the path without its query, which may hold ?token=.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 
 
+def _raise_open_files_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("app.web").warning(
+            "The open-files limit (%d) is below what %d sockets need (%d): raise it (ulimit -n)", target,
+            _settings.max_sockets, wanted)
+
+
+# Every socket is a file; the default soft limit (1024) would refuse connections long before CHAT_MAX_SOCKETS.
+_raise_open_files_limit(worker_connections + 256)
+
+
 def post_worker_init(worker):
-    """Once the app is loaded in the serving process: its long-lived objects out of full collections."""
+    """Once the app is loaded in the serving process: gunicorn's own error lines (which name a failed request's
+    URL) redacted; long-lived objects out of full collections."""
+    logging.getLogger("gunicorn.error").addFilter(RedactFilter())
     logging.getLogger("app.web").info("%d long-lived objects taken out of full garbage collections", freeze_heap())

@@ -80,8 +80,28 @@ class Settings(BaseSettings):
 
     # Web server.
     web_workers: int = Field(1, ge=1)
-    web_threads: int = Field(64, ge=4)
+    # Redis and database connections of one web process grow with this (requests beyond wait for one).
+    web_pool_size: int = Field(64, ge=4)
     secret_key: str = DEFAULT_SECRET_KEY
+    # Proxies in front of the web tier whose X-Forwarded-For/-Proto are believed (the caller's address).
+    proxy_hops: int = Field(0, ge=0)
+    # Most WebSockets one web process holds; a handshake past it is refused with 503 at once.
+    max_sockets: int = Field(10000, ge=1)
+
+    # Callers. The embedding site signs a JWT for its user (the caller is its issuer plus its sub): HS256 with
+    # this shared secret, or a key published at this JWKS URL.
+    jwt_secret: str = ""
+    jwt_jwks_url: str = ""
+    # Issuers whose tokens are accepted (empty: any that verifies); the audience required, if any.
+    jwt_issuers: list[str] = []
+    jwt_audience: str = ""
+    jwt_leeway_s: float = Field(30, ge=0)
+    # Guests: `POST /api/guest` signs a short-lived token for a new (or returning) guest, for allowed origins.
+    guests: bool = False
+    guest_token_ttl_s: int = Field(3600, ge=60)
+    guest_renew_s: int = Field(30 * 24 * 3600, ge=0)
+    guest_rate_per_minute: float = Field(10, ge=0)
+    guest_rate_burst: int = Field(20, ge=1)
     # Flower's basic auth, "user:password"; `make run` makes one up (and prints it) where it is empty.
     flower_basic_auth: str = ""
 

@@ -59,8 +59,9 @@ class Bench:
         self.scale = 0.5 if quick else 1.0
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
                              replica_port=free_port(), web_port=free_port(), default_max_new_tokens=NEW_TOKENS,
-                             max_new_tokens_cap=NEW_TOKENS, web_threads=640, log_level="WARNING",
-                             rate_limit_per_minute=0)  # every chat of a load comes from one caller
+                             max_new_tokens_cap=NEW_TOKENS, log_level="WARNING",
+                             # Every chat of a load comes from one guest.
+                             guests=True, rate_limit_per_minute=0, guest_rate_per_minute=0)
         self.url = f"http://127.0.0.1:{self.base.web_port}"
         self.runs: list[dict] = []
         self.procs = []
@@ -104,11 +105,11 @@ class Bench:
     def idle_sockets(self, count: int) -> dict:
         web = psutil.Process(self.procs[-1].pid).children()[0]
         before = rss_mb(web.pid)
-        cookie = loadgen._cookie(self.url)
-        sockets = [loadgen._connect(self.url, cookie) for _ in range(count)]
+        token = loadgen.guest_token(self.url)
+        sockets = [loadgen.connect(self.url, token) for _ in range(count)]
         time.sleep(2)
         after = rss_mb(web.pid)
-        ping = loadgen._connect(self.url, cookie)
+        ping = loadgen.connect(self.url, token)
         ping.send(json.dumps({"type": "ping"}))
         answered = json.loads(ping.recv()) == {"type": "pong"}
         for ws in [*sockets, ping]:

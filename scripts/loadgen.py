@@ -46,14 +46,15 @@ class Run:
     concurrency: int | None = None  # closed loop: chats at once
 
 
-def _cookie(base_url: str) -> str:
-    http = requests.Session()
-    http.get(base_url + "/", timeout=10).raise_for_status()
-    return "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+def guest_token(base_url: str) -> str:
+    """A guest's token (the stack must allow guests), as the chat page gets one."""
+    res = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
+    res.raise_for_status()
+    return res.json()["token"]
 
 
-def _connect(base_url: str, cookie: str) -> websocket.WebSocket:
-    return websocket.create_connection(base_url.replace("http", "ws", 1) + "/ws", cookie=cookie, timeout=120)
+def connect(base_url: str, token: str) -> websocket.WebSocket:
+    return websocket.create_connection(f"{base_url.replace('http', 'ws', 1)}/ws?token={token}", timeout=120)
 
 
 def _one(ws: websocket.WebSocket, prompt: str, max_new_tokens: int) -> Sample:
@@ -83,13 +84,13 @@ def _one(ws: websocket.WebSocket, prompt: str, max_new_tokens: int) -> Sample:
 
 def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "") -> Run:
     """``concurrency`` chats, each sending its next request when the last is done."""
-    cookie = _cookie(base_url)
+    token = guest_token(base_url)
     samples: list[Sample] = []
     lock = threading.Lock()
     counter = iter(range(total))
 
     def client() -> None:
-        ws = _connect(base_url, cookie)
+        ws = connect(base_url, token)
         try:
             while True:
                 with lock:
@@ -113,11 +114,11 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
 
 def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:
     """Open loop: ``total`` requests arriving at ``rate`` per second on average, each on its own socket."""
-    cookie = _cookie(base_url)
+    token = guest_token(base_url)
     rng = random.Random(seed)
     samples: list[Sample] = []
     lock = threading.Lock()
-    sockets = [_connect(base_url, cookie) for _ in range(total)]  # opened up front: arrivals time only the chat
+    sockets = [connect(base_url, token) for _ in range(total)]  # opened up front: arrivals time only the chat
 
     def request(i: int) -> None:
         s = _one(sockets[i], PROMPTS[i % len(PROMPTS)], max_new_tokens)

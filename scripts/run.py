@@ -60,6 +60,8 @@ def main() -> int:
     settings = Settings()
     if not settings.flower_basic_auth:  # Flower shows every task: never without a password
         settings = settings.model_copy(update={"flower_basic_auth": f"admin:{secrets.token_urlsafe(12)}"})
+    if "guests" not in settings.model_fields_set:  # the chat page signs its visitors in as guests
+        settings = settings.model_copy(update={"guests": True})
     configure_logging(settings.log_level, settings.log_json)
     data = settings.data_dir.resolve()
     logs = data / "logs"

@@ -69,7 +69,9 @@ class Process:
         self.name = name
         self.stop_timeout = stop_timeout  # how long :meth:`stop` waits after its signal before SIGKILL
         self.log_path = log_dir / f"{name}.log" if log_dir else None
-        out = open(self.log_path, "ab") if self.log_path else None
+        # Readable by its owner only: logs name requests and callers' ids.
+        out = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") \
+            if self.log_path else None
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         if out:
@@ -184,7 +186,11 @@ class PostgresPair:
 
     def _conf(self, port: int) -> str:
         lines = [f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.root}'",
-                 "wal_level = replica", "max_wal_senders = 10", "hot_standby = on", "wal_keep_size = 256MB"]
+                 "wal_level = replica", "max_wal_senders = 10", "hot_standby = on", "wal_keep_size = 256MB",
+                 # No message text, nor who sent it, in the server's log: no statements or their values, and
+                 # errors without the DETAIL line that repeats a row's values (a unique key's owner).
+                 "log_statement = 'none'", "log_min_duration_statement = -1", "log_error_verbosity = terse",
+                 "log_parameter_max_length = 0", "log_parameter_max_length_on_error = 0"]
         if not self.durable:
             lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         return "\n# chat backend\n" + "\n".join(lines) + "\n"
@@ -317,10 +323,10 @@ def start_flower(settings: Settings, log_dir: Path | None) -> Process:
     """Flower behind basic auth (``CHAT_FLOWER_BASIC_AUTH``): its pages and API show every task."""
     if ":" not in settings.flower_basic_auth:
         raise SetupError("CHAT_FLOWER_BASIC_AUTH must be user:password: Flower is not started without it")
-    env = settings_env(settings)
+    # The password in the environment, not on the command line, where any user's `ps` shows it.
+    env = {**settings_env(settings), "FLOWER_BASIC_AUTH": settings.flower_basic_auth}
     argv = [sys.executable, "-m", "celery", "--broker", settings.resolved_broker_url, "flower",
-            f"--address={settings.host}", f"--port={settings.flower_port}",
-            f"--basic-auth={settings.flower_basic_auth}"]
+            f"--address={settings.host}", f"--port={settings.flower_port}"]
     proc = Process("flower", argv, env=env, log_dir=log_dir)
     url = f"http://{settings.host}:{settings.flower_port}/healthcheck"
     wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60, "flower", proc.proc)

@@ -1,6 +1,6 @@
 """Session fixtures that start the real stack once: Redis, a PostgreSQL primary and
 replica, a Celery worker with the real model, gunicorn and Flower, on free loopback
-ports in a temporary folder. Each test talks as a fresh anonymous caller."""
+ports in a temporary folder. Each test talks as a fresh guest."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import psycopg
 import pytest
 import requests
@@ -75,8 +76,10 @@ def make_settings(root: Path, **overrides) -> Settings:
     values = dict(data_dir=root, redis_port=free_port(), primary_port=free_port(), replica_port=free_port(),
                   web_port=free_port(), flower_port=free_port(), model=str(DEFAULT_MODEL_DIR),
                   default_max_new_tokens=16, max_new_tokens_cap=48, max_content_chars=2000,
-                  max_frame_bytes=8192, web_threads=16, secret_key="test-secret", worker_heartbeat_s=1,
+                  max_frame_bytes=8192, web_pool_size=16, secret_key="test-secret", worker_heartbeat_s=1,
                   flower_basic_auth="flower:test-pass",
+                  # Clients sign in as guests (tests/integration/test_auth.py tests site tokens and the limits).
+                  guests=True, guest_rate_per_minute=0, jwt_secret=SITE_SECRET, jwt_issuers=[SITE_ISSUER],
                   max_batch=4, engine_max_tokens=1024,
                   # Many chats come from one caller here; tests/integration/test_admission.py tests the limit.
                   rate_limit_per_minute=0)
@@ -113,19 +116,37 @@ def stack():
         shutil.rmtree(root, ignore_errors=True)
 
 
-class Client:
-    """One caller: an HTTP session with its cookie, and WebSockets that carry it."""
+# The embedding site of the tests: it signs its users' tokens with this shared secret.
+SITE_SECRET = "test-site-secret-of-at-least-32-bytes"
+SITE_ISSUER = "https://site.test"
 
-    def __init__(self, base_url: str):
+
+def site_token(sub: str, ttl_s: float = 600, secret: str = SITE_SECRET, issuer: str = SITE_ISSUER, **claims) -> str:
+    return jwt.encode({"iss": issuer, "sub": sub, "exp": int(time.time() + ttl_s), **claims}, secret,
+                      algorithm="HS256")
+
+
+def guest_token(base_url: str) -> str:
+    res = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
+    res.raise_for_status()
+    return res.json()["token"]
+
+
+class Client:
+    """One caller: a guest (or the holder of ``token``), with an HTTP session and WebSockets that carry its
+    token."""
+
+    def __init__(self, base_url: str, token: str | None = None):
         self.base_url = base_url
+        self.token = token or guest_token(base_url)
         self.http = requests.Session()
-        self.http.get(base_url + "/", timeout=10).raise_for_status()
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
         self.sockets: list[websocket.WebSocket] = []
         self.ws = self.connect()
 
     def connect(self) -> websocket.WebSocket:
-        cookie = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
-        ws = websocket.create_connection(self.base_url.replace("http", "ws", 1) + "/ws", cookie=cookie, timeout=60)
+        ws = websocket.create_connection(f"{self.base_url.replace('http', 'ws', 1)}/ws?token={self.token}",
+                                         timeout=60)
         self.sockets.append(ws)
         return ws
 
