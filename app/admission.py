@@ -1,15 +1,21 @@
 """Admission before storage: what the backend cannot take now is refused at once, saying when to try again.
 
-A chat is refused ``busy`` while the model's queue holds more waiting tasks
-than a setting allows, and ``rate_limited`` when its caller's token bucket is
-empty. Either refusal comes before anything is stored or queued, so overload
-costs a refusal rather than an unbounded wait.
+A chat is refused ``busy`` when the tasks waiting on the model's queue would
+take the workers longer than a setting to start (at the rate they have been
+taking tasks off it lately), or are more than another setting allows; and
+``rate_limited`` when its caller's token bucket is empty. Either refusal comes
+before anything is stored or queued, so overload costs a refusal rather than
+an unbounded wait.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
+import time
+
+from app.streams import TAKEN_PREFIX
 
 from app.protocol import ErrorCode, ProtocolError
 
@@ -51,22 +57,60 @@ class TokenBucket:
         return math.ceil(wait * 10) / 10 if wait > 0 else 0.0
 
 
+class DrainRate:
+    """How fast the workers have been taking tasks off a queue, from the counter they bump (``taken:<queue>``),
+    over the last ``window_s`` seconds; None until this process has watched it for ``least_s``."""
+
+    def __init__(self, window_s: float = 30, least_s: float = 5):
+        self.window_s, self.least_s = window_s, least_s
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def observe(self, taken: int, now: float | None = None) -> float | None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not self._samples or now - self._samples[-1][0] >= 0.25:
+                self._samples.append((now, taken))
+            while now - self._samples[0][0] > self.window_s:  # the newest is never that old
+                self._samples.popleft()
+            since, first = self._samples[0]
+        if now - since < self.least_s or taken < first:  # too short to tell, or the counter was reset
+            return None
+        return (taken - first) / (now - since)
+
+
 class Admission:
     """Decides, before a chat is stored, whether the backend takes it now."""
 
     def __init__(self, redis_client, queue, max_queue_depth: int, busy_retry_after_s: float,
-                 rate_per_minute: float, rate_burst: int):
+                 rate_per_minute: float, rate_burst: int, max_queue_wait_s: float = 0):
+        self.redis = redis_client
         self.queue = queue
         self.max_queue_depth = max_queue_depth
+        self.max_queue_wait_s = max_queue_wait_s
         self.busy_retry_after_s = busy_retry_after_s
         self.buckets = TokenBucket(redis_client, RATE_PREFIX, rate_per_minute, rate_burst)
+        self.drain = DrainRate()
+
+    def expected_wait_s(self) -> tuple[int, float | None]:
+        """Tasks waiting on the queue, and how long the last of them would wait to be taken at the rate the
+        workers have lately been taking them (None while that rate is unknown, or nil: workers starting)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.queue.queue)
+        pipe.get(TAKEN_PREFIX + self.queue.queue)
+        waiting, taken = pipe.execute()
+        rate = self.drain.observe(int(taken or 0))
+        return int(waiting), (waiting / rate if rate else None)
 
     def admit(self, caller: str) -> None:
         """Return if ``caller`` may send a chat now; else raise ``busy`` or ``rate_limited`` with ``retry_after``."""
-        waiting = self.queue.depth()
+        waiting, wait_s = self.expected_wait_s()
         if waiting >= self.max_queue_depth:
             raise ProtocolError(ErrorCode.BUSY, f"the model's queue is full ({waiting} waiting); try again later",
                                 retry_after=self.busy_retry_after_s)
+        if self.max_queue_wait_s and wait_s is not None and wait_s > self.max_queue_wait_s:
+            raise ProtocolError(ErrorCode.BUSY, f"the model's workers are busy ({waiting} waiting, about "
+                                f"{wait_s:.0f} s); try again later", retry_after=self.busy_retry_after_s)
         wait = self.buckets.take(caller)
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; try again later", retry_after=wait)

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "stream:"
 CANCEL_PREFIX = "cancel:"
 WORKER_PREFIX = "worker:"
+# Per model queue: how many tasks workers have taken off it, ever (the web tier's admission reads its rate).
+TAKEN_PREFIX = "taken:"
 
 
 def stream_key(request_id: str) -> str:
@@ -192,6 +194,11 @@ def follow(hub: StreamHub, request_id: str, after_seq: int = -1, wait_s: float =
                 return
     finally:
         hub.unsubscribe(sub)
+
+
+def count_taken(client: redis.Redis, queue_name: str) -> None:
+    """A worker took a task off ``queue_name``."""
+    client.incr(TAKEN_PREFIX + queue_name)
 
 
 def beat(client: redis.Redis, name: str, info: dict, ttl_s: int) -> None:

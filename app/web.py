@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         queue=queue,
         hub=streams.StreamHub(redis_client),
         admission=Admission(redis_client, queue, settings.max_queue_depth, settings.busy_retry_after_s,
-                            settings.rate_limit_per_minute, settings.rate_limit_burst),
+                            settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_queue_wait_s),
         identities=Identities(settings),
         guest_buckets=TokenBucket(redis_client, "guest-rate:", settings.guest_rate_per_minute,
                                   settings.guest_rate_burst),

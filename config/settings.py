@@ -64,6 +64,9 @@ class Settings(BaseSettings):
 
     # Admission: refusals before anything is stored or queued.
     max_queue_depth: int = Field(64, ge=1)
+    # Refused `busy` too when the waiting tasks would take the workers longer than this to start (0: no such
+    # limit), at the rate they have taken tasks off the queue over the last 30 s.
+    max_queue_wait_s: float = Field(5, ge=0)
     busy_retry_after_s: float = Field(2.0, gt=0)
     rate_limit_per_minute: float = Field(30, ge=0)
     rate_limit_burst: int = Field(10, ge=1)

@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import jwt
 import psutil
 import redis
 
 from config.settings import ROOT, Settings
-from scripts import loadgen
+from scripts import loadgen, overload
 from scripts.services import (
     PostgresPair,
     free_port,
@@ -37,6 +38,10 @@ from scripts.services import (
 logger = logging.getLogger("bench")
 
 NEW_TOKENS = 64
+# Overload: offered twice the saturated chats/s of the 16-chat run, for this long (each chat a new visitor).
+OVERLOAD_FACTOR, OVERLOAD_S = 2, 60
+OVERLOAD_TTFT_P99_S, WEB_RSS_LIMIT_MB, HEALTHZ_LIMIT_MS = 10, 1024, 1000
+SITE_ISSUER = "https://bench.site"
 TTFT_TOKENS = 4  # replies of the run that measures the time to first token
 DTYPES = ("float32", "bfloat16")  # the engine's dtypes on a CPU (bfloat16 emulated where the CPU lacks it)
 
@@ -60,8 +65,10 @@ class Bench:
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
                              replica_port=free_port(), web_port=free_port(), default_max_new_tokens=NEW_TOKENS,
                              max_new_tokens_cap=NEW_TOKENS, log_level="WARNING",
-                             # Every chat of a load comes from one guest.
-                             guests=True, rate_limit_per_minute=0, guest_rate_per_minute=0)
+                             # Every chat of a load comes from one guest; the overload's visitors are users of a
+                             # site that signs their tokens.
+                             guests=True, rate_limit_per_minute=0, guest_rate_per_minute=0,
+                             jwt_secret=os.urandom(32).hex(), jwt_issuers=[SITE_ISSUER])
         self.url = f"http://127.0.0.1:{self.base.web_port}"
         self.runs: list[dict] = []
         self.procs = []
@@ -102,20 +109,37 @@ class Bench:
             self.runs.append(summary)
         return summary
 
-    def idle_sockets(self, count: int) -> dict:
-        web = psutil.Process(self.procs[-1].pid).children()[0]
-        before = rss_mb(web.pid)
-        token = loadgen.guest_token(self.url)
-        sockets = [loadgen.connect(self.url, token) for _ in range(count)]
-        time.sleep(2)
-        after = rss_mb(web.pid)
-        ping = loadgen.connect(self.url, token)
-        ping.send(json.dumps({"type": "ping"}))
-        answered = json.loads(ping.recv()) == {"type": "pong"}
-        for ws in [*sockets, ping]:
-            ws.close()
-        return {"sockets": count, "web_rss_idle_mb": round(before, 1), "web_rss_with_sockets_mb": round(after, 1),
-                "still_answers": answered}
+    def web_pid(self) -> int:
+        """The gunicorn worker (under its arbiter) that serves the sockets."""
+        return psutil.Process(self.procs[-1].pid).children()[0].pid
+
+    def visitor_token(self, i: int) -> str:
+        return jwt.encode({"iss": SITE_ISSUER, "sub": f"visitor-{i}", "exp": int(time.time()) + 3600},
+                          self.base.jwt_secret, algorithm="HS256")
+
+    def idle_sockets(self) -> dict:
+        """As many idle sockets as one web process holds by default, for 30 s, and one more (refused); in a
+        process of its own (asyncio), so that the client's memory and files are apart."""
+        logger.info("Idle sockets: %d against one web process", self.base.max_sockets)
+        out = subprocess.run([sys.executable, "-m", "scripts.sockets", "--url", self.url,
+                              "--token", loadgen.guest_token(self.url), "--count", str(self.base.max_sockets),
+                              "--web-pid", str(self.web_pid()), "--hold-s", "30"],
+                             cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        logger.info("Idle sockets: %s", result)
+        return result
+
+    def overload(self, c16: dict) -> dict:
+        """Poisson arrivals at twice the saturated chats/s of the 16-chat run, for a bounded time."""
+        capacity = _busy_tps(c16) / (c16["output_tokens"] / c16["completed"])
+        rate = round(OVERLOAD_FACTOR * capacity, 2)
+        duration = OVERLOAD_S * (0.5 if self.scale < 1 else 1)
+        logger.info("Overload: %.2f chats/s (%dx capacity %.2f) for %.0f s", rate, OVERLOAD_FACTOR, capacity, duration)
+        result = overload.overload(self.url, rate, duration, NEW_TOKENS, self.visitor_token, self.web_pid())
+        result["capacity_per_s"] = round(capacity, 2)
+        result["contract"] = overload.contract_holds(result)
+        logger.info("Overload: %s", result)
+        return result
 
     def run(self) -> dict:
         out: dict = {}
@@ -149,7 +173,9 @@ class Bench:
             out["poisson"] = [self.load("stack, open loop", lambda r=r: loadgen.poisson(self.url, r, self.n(24),
                                                                                             NEW_TOKENS))
                               for r in (0.5, 1.0, 2.0, 4.0)]
-            out["memory"] = {"worker_rss_mb": out["worker_rss_mb"], **self.idle_sockets(500)}
+            out["overload"] = self.overload(c16)
+            out["memory"] = {"worker_rss_mb": out["worker_rss_mb"]}
+            out["sockets"] = self.idle_sockets()
             # A lone request on each worker kind, the generate() worker's run between two of the batching
             # worker's, close together: the two kinds are compared at one speed of the machine.
             c1 = self.load("stack", lambda: loadgen.closed_loop(self.url, 1, self.n(8), NEW_TOKENS))
@@ -341,13 +367,63 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    m = out["memory"]
+    lines += ["", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
-              f"- a worker with the model loaded: {m['worker_rss_mb']} MB resident",
-              f"- the web process: {m['web_rss_idle_mb']} MB idle, {m['web_rss_with_sockets_mb']} MB with "
-              f"{m['sockets']} open idle WebSockets (still answering: {m['still_answers']})",
+              f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
               "", "![throughput and latency against offered load](benchmarks.png)", ""]
     return "\n".join(lines)
+
+
+def overload_section(o: dict) -> list[str]:
+    t, h, m = o["ttft_ms"], o["healthz_ms"], o["web_rss_mb"]
+    refused = ", ".join(f"{n} `{code}`" for code, n in o["refused"].items()) or "none"
+    return [
+        "## Overload: twice what the stack serves", "",
+        f"Capacity: {o['capacity_per_s']} chats/s, the saturated rate of the 16-chat run above. Offered "
+        f"{o['offered_per_s']} chats/s ({OVERLOAD_FACTOR}x) for {o['duration_s']} s as Poisson arrivals "
+        f"({o['arrivals']} chats, {o['arrived_per_s']}/s arrived), each a new visitor with a token of its own "
+        f"opening its socket on arrival; default admission settings (`CHAT_MAX_QUEUE_WAIT_S`, "
+        f"`CHAT_MAX_QUEUE_DEPTH`). `python -m scripts.bench` (the `overload` step), `scripts/overload.py`.", "",
+        "| figure | measured | target | met |", "| --- | --- | --- | --- |",
+        f"| connections answered (handshakes: {o['handshakes']}) | "
+        f"{sum(n for k, n in o['handshakes'].items() if k == 'open' or k.startswith('refused'))}/{o['arrivals']} | "
+        f"all | {_yes(o['contract']['every connection answered'])} |",
+        f"| accepted chats completed | {o['completed']}/{o['accepted']} | all | "
+        f"{_yes(o['contract']['every accepted chat completed'])} |",
+        f"| refusals ({'; '.join(f'{k}: {n}' for k, n in o['refusal_reasons'].items()) or 'none'}) | {refused} | "
+        f"only `busy`/`rate_limited` | {_yes(o['contract']['every refusal busy, rate_limited or 503'])} |",
+        f"| TTFT of accepted chats, p50 / p95 / p99 / max ms | {t['p50']} / {t['p95']} / {t['p99']} / {t['max']} | "
+        f"p99 ≤ {OVERLOAD_TTFT_P99_S * 1000} | {_yes(t['p99'] is not None and t['p99'] <= OVERLOAD_TTFT_P99_S * 1000)} |",
+        f"| `/healthz` p50 / p99 / max ms, failures | {h['p50']} / {h['p99']} / {h['max']}, "
+        f"{o['healthz_failures']} | max ≤ {HEALTHZ_LIMIT_MS}, none failed | "
+        f"{_yes(o['healthz_failures'] == 0 and h['max'] is not None and h['max'] <= HEALTHZ_LIMIT_MS)} |",
+        f"| web process RSS p50 / max MB | {m['p50']} / {m['max']} | ≤ {WEB_RSS_LIMIT_MB} | "
+        f"{_yes(m['max'] is not None and m['max'] <= WEB_RSS_LIMIT_MB)} |",
+    ]
+
+
+def sockets_section(s: dict) -> list[str]:
+    past = s.get("one_past_the_limit") or {}
+    return [
+        "## Idle sockets held by one web process", "",
+        f"`python -m scripts.sockets` (asyncio, its own process) opened {s['sockets_asked']} WebSockets against one "
+        f"gunicorn gevent worker with the default `CHAT_MAX_SOCKETS`, held them 30 s (past the server's 25 s "
+        f"ping), asked `/healthz` meanwhile, then one more socket.", "",
+        "| figure | measured | target | met |", "| --- | --- | --- | --- |",
+        f"| sockets open, and still open after the hold | {s['sockets_open']}, {s['still_open_after_hold']} "
+        f"(opened in {s['open_s']} s) | {s['sockets_asked']} | "
+        f"{_yes(s['sockets_open'] == s['still_open_after_hold'] == s['sockets_asked'])} |",
+        f"| web process RSS: idle, with the sockets (per socket) | {s['web_rss_before_mb']} MB, "
+        f"{s['web_rss_with_sockets_mb']} MB ({s['web_rss_per_socket_kb']} KB) | ≤ {WEB_RSS_LIMIT_MB} MB | "
+        f"{_yes(s['web_rss_with_sockets_mb'] <= WEB_RSS_LIMIT_MB)} |",
+        f"| one socket past the limit | HTTP {past.get('status')} in {past.get('ms')} ms | 503 at once | "
+        f"{_yes(past.get('status') == 503)} |",
+        f"| `/healthz` while holding them, median / max ms ({s['healthz_ms']['probes']} probes) | "
+        f"{s['healthz_ms']['median']} / {s['healthz_ms']['max']} | max ≤ {HEALTHZ_LIMIT_MS} | "
+        f"{_yes(s['healthz_ms']['max'] <= HEALTHZ_LIMIT_MS)} |",
+        f"| a held socket's `ping` answered after the hold | {s.get('held_socket_pong')} "
+        f"({s.get('held_socket_pong_ms')} ms) | yes | {_yes(bool(s.get('held_socket_pong')))} |",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ class Visit:
     finish_reason: str | None = None
     retry_after: float | None = None
     accepted: bool = False
+    why: str | None = None  # a refusal's message, up to its figures
 
 
 @dataclass
@@ -72,6 +73,7 @@ def _visit(url: str, token: str, prompt: str, max_new_tokens: int, visit: Visit)
             elif frame["type"] == "error":
                 visit.outcome = f"{'error' if visit.accepted else 'refused'} {frame['code']}"
                 visit.retry_after = frame.get("retry_after")
+                visit.why = frame.get("message", "").split("(")[0].strip()
                 return
     except Exception as exc:
         visit.outcome = f"lost: {type(exc).__name__}"
@@ -137,6 +139,7 @@ def overload(url: str, rate: float, duration_s: float, max_new_tokens: int, toke
         "handshakes": dict(Counter(v.handshake for v in visits)),
         "accepted": len(accepted), "completed": outcomes.get("completed", 0),
         "refused": refusals,
+        "refusal_reasons": dict(Counter(v.why for v in visits if v.why and not v.accepted)),
         "not_completed": dict(Counter(v.outcome for v in accepted if v.outcome != "completed")),
         "ttft_ms": _pct([v.ttft_s * 1000 for v in accepted if v.ttft_s is not None]),
         "healthz_ms": _pct(probes.healthz_ms), "healthz_failures": len(probes.healthz_failures),

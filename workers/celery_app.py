@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import redis
 from celery import Celery
 from celery.signals import task_postrun, task_received, worker_init, worker_shutdown, worker_shutting_down
 
@@ -55,6 +56,7 @@ def _start(sender=None, **_):
                           settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
     redis_client = streams.connect(settings.resolved_redis_url)
+    _runtime["redis"] = redis_client
     _runtime["leases"] = Leases(streams.connect(settings.resolved_broker_url), settings.task_lease_s / 5).start()
     relay = TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
     if settings.engine == "batching":
@@ -98,6 +100,11 @@ def _hold(request=None, **_):
     """Renew this task's hold on its message while it waits and runs here (workers/leases.py)."""
     if "leases" in _runtime and request is not None:
         _runtime["leases"].hold(request.id, request.message.delivery_tag)
+    if "redis" in _runtime:  # how fast the queue drains: the web tier's estimate of a new chat's wait
+        try:
+            streams.count_taken(_runtime["redis"], settings.queue)
+        except redis.RedisError as exc:
+            logger.warning("Could not count a task taken: %s", exc)
 
 
 @task_postrun.connect

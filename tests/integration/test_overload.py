@@ -45,10 +45,14 @@ def test_a_web_process_holds_its_limit_of_idle_sockets_and_refuses_one_more_at_o
     assert result["healthz_ms"]["probes"] >= 1
 
 
-def test_chats_offered_beyond_capacity_are_completed_or_refused_busy_and_none_hang(stack):
-    with web_with(stack, max_queue_depth=2, busy_retry_after_s=1.5) as (url, web_pid):
-        result = overload.overload(url, rate=12, duration_s=6, max_new_tokens=24, web_pid=web_pid,
+@pytest.mark.parametrize("limit", [{"max_queue_depth": 2}, {"max_queue_wait_s": 1.0}], ids=["depth", "wait"])
+def test_chats_offered_beyond_capacity_are_completed_or_refused_busy_and_none_hang(stack, limit):
+    # Either limit: a queue two deep, or one whose waiting tasks would take the worker over a second to start.
+    with web_with(stack, busy_retry_after_s=1.5, **limit) as (url, web_pid):
+        result = overload.overload(url, rate=12, duration_s=10, max_new_tokens=24, web_pid=web_pid,
                                    token_for=lambda i: site_token(f"visitor-{i}"))
     print(json.dumps(result))
     assert overload.contract_holds(result) == {k: True for k in overload.contract_holds(result)}, result
     assert result["accepted"] > 0 and result["refused"].get("busy", 0) > 0, result
+    why = "the model's queue is full" if "max_queue_depth" in limit else "the model's workers are busy"
+    assert set(result["refusal_reasons"]) == {why}, result["refusal_reasons"]
