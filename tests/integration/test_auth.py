@@ -244,3 +244,13 @@ def test_past_its_socket_limit_a_web_process_refuses_the_handshake_at_once(stack
         finally:
             for ws in held:
                 ws.close()
+
+
+def test_no_response_sets_a_cookie(stack):
+    """Nothing a browser sends by itself identifies a caller, so no page of another site can act as one."""
+    page = requests.get(stack.base_url + "/", timeout=10)
+    guest = requests.post(stack.base_url + "/api/guest", headers={"Origin": stack.base_url}, timeout=10)
+    listed = requests.get(stack.base_url + "/api/conversations", timeout=10,
+                          headers={"Authorization": f"Bearer {guest.json()['token']}"})
+    assert [r.status_code for r in (page, guest, listed)] == [200, 200, 200]
+    assert not any("Set-Cookie" in r.headers for r in (page, guest, listed))
