@@ -9,10 +9,12 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+import psutil
 import psycopg
 import pytest
 import requests
@@ -130,6 +132,18 @@ def guest_token(base_url: str) -> str:
     res = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
     res.raise_for_status()
     return res.json()["token"]
+
+
+@contextmanager
+def second_web(stack, **overrides):
+    """A second web server on the session's Redis, databases and worker, with other settings: its URL and its
+    serving process' pid (gunicorn's worker, under its arbiter)."""
+    settings = stack.settings.model_copy(update={"web_port": free_port(), **overrides})
+    web = start_web(settings, stack.root / "logs")
+    try:
+        yield f"http://127.0.0.1:{settings.web_port}", psutil.Process(web.pid).children()[0].pid
+    finally:
+        web.stop()
 
 
 class Client:

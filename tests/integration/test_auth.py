@@ -15,8 +15,7 @@ import requests
 import websocket
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scripts.services import free_port, start_web
-from tests.conftest import SITE_ISSUER, SITE_SECRET, Client, site_token
+from tests.conftest import SITE_ISSUER, SITE_SECRET, Client, second_web, site_token
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +30,6 @@ def ws_url(base_url: str, token: str | None = None) -> str:
 
 def recv(ws) -> dict:
     return json.loads(ws.recv())
-
-
-@contextmanager
-def web_with(stack, **overrides):
-    """A second web server on the session's Redis and databases, with other settings."""
-    settings = stack.settings.model_copy(update={"web_port": free_port(), **overrides})
-    web = start_web(settings, stack.root / "logs")
-    try:
-        yield f"http://127.0.0.1:{settings.web_port}"
-    finally:
-        web.stop()
 
 
 def test_a_site_user_chats_and_reads_history_as_issuer_plus_sub(stack):
@@ -151,7 +139,7 @@ def test_guest_tokens_go_to_allowed_origins_only_and_renew_into_the_same_guest(s
 
 def test_with_guests_off_guest_tokens_are_refused_and_site_tokens_still_work(stack):
     guest = Client(stack.base_url).token  # issued while guests were allowed, by the same secret
-    with web_with(stack, guests=False) as base_url:
+    with second_web(stack, guests=False) as (base_url, _):
         refused = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
         assert refused.status_code == 401 and "signs its users in" in refused.json()["error"]["message"]
         res = requests.get(base_url + "/api/conversations", headers={"Authorization": f"Bearer {guest}"}, timeout=10)
@@ -162,7 +150,7 @@ def test_with_guests_off_guest_tokens_are_refused_and_site_tokens_still_work(sta
 
 
 def test_guest_tokens_are_rate_limited_per_address(stack):
-    with web_with(stack, guest_rate_per_minute=6, guest_rate_burst=2) as base_url:
+    with second_web(stack, guest_rate_per_minute=6, guest_rate_burst=2) as (base_url, _):
         answers = [requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
                    for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]
@@ -204,7 +192,7 @@ def test_tokens_signed_with_a_key_of_the_sites_jwks_are_accepted_and_others_not(
                           algorithm="RS256", headers={"kid": kid})
 
     with jwks_server([{**public, "kid": "site-key-1", "use": "sig", "alg": "RS256"}]) as jwks_url, \
-            web_with(stack, jwt_jwks_url=jwks_url, jwt_issuers=[issuer]) as base_url:
+            second_web(stack, jwt_jwks_url=jwks_url, jwt_issuers=[issuer]) as (base_url, _):
         get = lambda t: requests.get(base_url + "/api/conversations", timeout=10,  # noqa: E731
                                      headers={"Authorization": f"Bearer {t}"})
         assert get(token(key)).status_code == 200
@@ -219,7 +207,7 @@ def test_tokens_signed_with_a_key_of_the_sites_jwks_are_accepted_and_others_not(
 
 
 def test_past_its_socket_limit_a_web_process_refuses_the_handshake_at_once(stack):
-    with web_with(stack, max_sockets=3) as base_url:
+    with second_web(stack, max_sockets=3) as (base_url, _):
         token = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10).json()["token"]
         held = [websocket.create_connection(ws_url(base_url, token), timeout=30) for _ in range(3)]
         try:

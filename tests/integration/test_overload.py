@@ -7,35 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-from contextlib import contextmanager
 
-import psutil
 import pytest
 
 from scripts import overload, sockets
-from scripts.services import free_port, start_web
-from tests.conftest import Client, site_token
+from tests.conftest import Client, second_web, site_token
 
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def web_with(stack, **overrides):
-    """A second web server on the session's Redis, databases and worker, with other limits; and its serving
-    process' pid (gunicorn's worker, under its arbiter)."""
-    settings = stack.settings.model_copy(update={"web_port": free_port(), **overrides})
-    web = start_web(settings, stack.root / "logs")
-    try:
-        yield f"http://127.0.0.1:{settings.web_port}", psutil.Process(web.pid).children()[0].pid
-    finally:
-        web.stop()
 
 
 def test_a_web_process_holds_its_limit_of_idle_sockets_and_refuses_one_more_at_once(stack):
     count = 400
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    with web_with(stack, max_sockets=count) as (url, web_pid):
+    with second_web(stack, max_sockets=count) as (url, web_pid):
         token = Client(url).token
         result = asyncio.run(sockets.hold(url, token, count, web_pid, hold_s=3))
     print(json.dumps(result))
@@ -48,7 +33,7 @@ def test_a_web_process_holds_its_limit_of_idle_sockets_and_refuses_one_more_at_o
 @pytest.mark.parametrize("limit", [{"max_queue_depth": 2}, {"max_queue_wait_s": 1.0}], ids=["depth", "wait"])
 def test_chats_offered_beyond_capacity_are_completed_or_refused_busy_and_none_hang(stack, limit):
     # Either limit: a queue two deep, or one whose waiting tasks would take the worker over a second to start.
-    with web_with(stack, busy_retry_after_s=1.5, **limit) as (url, web_pid):
+    with second_web(stack, busy_retry_after_s=1.5, **limit) as (url, web_pid):
         result = overload.overload(url, rate=12, duration_s=10, max_new_tokens=24, web_pid=web_pid,
                                    token_for=lambda i: site_token(f"visitor-{i}"))
     print(json.dumps(result))
