@@ -47,8 +47,8 @@ def guest():
         abort(403, description="guest tokens are issued to pages of allowed origins (no Origin header)")
     wait = svc.guest_buckets.take(request.remote_addr or "unknown")
     if wait > 0:
-        res, status = error_response(ErrorCode.RATE_LIMITED, "too many guest tokens from this address; try later")
-        return res, status, {"Retry-After": str(max(1, round(wait)))}
+        return error_response(ErrorCode.RATE_LIMITED, "too many guest tokens from this address; try later",
+                              retry_after=wait)
     token, ttl = svc.identities.guest_token(bearer_token())
     return jsonify({"token": token, "expires_in": ttl})
 

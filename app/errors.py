@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import redis
 from flask import Flask, jsonify
@@ -19,9 +20,11 @@ _HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: Err
                429: ErrorCode.RATE_LIMITED, 503: ErrorCode.UNAVAILABLE}
 
 
-def error_response(code: ErrorCode, message: str, status: int | None = None):
-    """``{"error": {"code", "message"}}`` with the status that matches the code."""
-    return jsonify({"error": {"code": code.value, "message": message}}), status or HTTP_STATUS[code]
+def error_response(code: ErrorCode, message: str, status: int | None = None, retry_after: float | None = None):
+    """``{"error": {"code", "message"}}`` with the status that matches the code, and ``Retry-After`` (whole
+    seconds, at least one) where the refusal says when to come back."""
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
+    return jsonify({"error": {"code": code.value, "message": message}}), status or HTTP_STATUS[code], headers
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -32,8 +35,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Unauthorized)
     def _unauthorized(exc: Unauthorized):
-        res, status = error_response(ErrorCode.UNAUTHORIZED, str(exc))
-        return res, status, {"WWW-Authenticate": 'Bearer realm="chat"'}
+        res, status, headers = error_response(ErrorCode.UNAUTHORIZED, str(exc))
+        return res, status, {**headers, "WWW-Authenticate": 'Bearer realm="chat"'}
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(redis.RedisError)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 
 import redis
@@ -216,9 +215,8 @@ def check_origin_and_identify():
         return
     if not svc.sockets.acquire():
         metrics.ERRORS.labels(ErrorCode.BUSY.value).inc()
-        res, status = error_response(ErrorCode.BUSY, f"this web process holds its limit of "
-                                     f"{svc.settings.max_sockets} sockets; try again later")
-        return res, status, {"Retry-After": str(math.ceil(svc.settings.busy_retry_after_s))}
+        return error_response(ErrorCode.BUSY, f"this web process holds its limit of {svc.settings.max_sockets} "
+                              f"sockets; try again later", retry_after=svc.settings.busy_retry_after_s)
     request.environ["chat.socket_slot"] = True
     token = bearer_token()
     if token:
