@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.admission import DrainRate
+from app.web.admission import DrainRate
 
 
 def test_unknown_until_watched_long_enough_then_the_rate_over_the_window():

@@ -21,7 +21,8 @@ def test_workers_leave_flask_out(module):
     assert "flask" not in modules_after_import(module)
 
 
-@pytest.mark.parametrize("module", ["app.web", "app.ws", "app.api", "app.storage", "app.streams"])
+@pytest.mark.parametrize("module", ["app.web", "app.web.ws", "app.web.api", "app.web.identity", "app.storage",
+                                    "app.streams"])
 def test_web_tier_leaves_torch_out(module):
     loaded = modules_after_import(module)
     assert "torch" not in loaded and "transformers" not in loaded

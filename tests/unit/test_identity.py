@@ -7,7 +7,7 @@ import time
 import jwt
 import pytest
 
-from app.identity import GUEST_ISSUER, Identities, Unauthorized
+from app.web.identity import GUEST_ISSUER, Identities, Unauthorized
 from config.settings import Settings
 
 

@@ -12,9 +12,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 
-from app import metrics, streams
-from app.errors import error_response
-from app.identity import Unauthorized, bearer_token
+from app import streams
 from app.protocol import (
     Auth,
     Cancel,
@@ -28,8 +26,11 @@ from app.protocol import (
     parse_client_frame,
     stored_done_frame,
 )
-from app.queue import QueueUnavailable
 from app.storage import NotFound
+from app.web import metrics
+from app.web.errors import error_response
+from app.web.identity import Unauthorized, bearer_token
+from app.web.queue import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 

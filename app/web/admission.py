@@ -15,9 +15,8 @@ import math
 import threading
 import time
 
-from app.streams import TAKEN_PREFIX
-
 from app.protocol import ErrorCode, ProtocolError
+from app.streams import TAKEN_PREFIX
 
 # One bucket per caller: a hash of its tokens and when they were counted.
 RATE_PREFIX = "rate:"

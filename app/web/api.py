@@ -8,10 +8,10 @@ from flask import Blueprint, abort, current_app, jsonify, request, send_from_dir
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import streams
-from app.errors import error_response
-from app.identity import Unauthorized, bearer_token, current_owner
 from app.protocol import ErrorCode, unstorable
 from app.storage import NotFound
+from app.web.errors import error_response
+from app.web.identity import Unauthorized, bearer_token, current_owner
 
 logger = logging.getLogger(__name__)
 

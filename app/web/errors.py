@@ -10,8 +10,8 @@ from flask import Flask, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from app.identity import Unauthorized
 from app.protocol import HTTP_STATUS, ErrorCode
+from app.web.identity import Unauthorized
 
 logger = logging.getLogger(__name__)
 

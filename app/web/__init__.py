@@ -9,10 +9,10 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import streams
-from app.admission import Admission, SocketSlots, TokenBucket
-from app.identity import Identities
-from app.queue import QueueClient
 from app.storage import Store
+from app.web.admission import Admission, SocketSlots, TokenBucket
+from app.web.identity import Identities
+from app.web.queue import QueueClient
 from config.logging import configure_logging
 from config.settings import DEFAULT_SECRET_KEY, Settings, on_loopback
 
@@ -36,9 +36,9 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web app: settings, store, queue client, WebSocket, REST, errors."""
-    from app.api import api
-    from app.errors import register_error_handlers
-    from app.ws import check_origin_and_identify, release_socket_slot, sock
+    from app.web.api import api
+    from app.web.errors import register_error_handlers
+    from app.web.ws import check_origin_and_identify, release_socket_slot, sock
 
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
