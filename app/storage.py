@@ -1,4 +1,4 @@
-"""Conversations, messages and chat requests in PostgreSQL.
+"""Conversations, messages, chat requests and API keys in PostgreSQL.
 
 Writes go to the primary. Plain reads go to the replica through one routing
 session (SQLAlchemy's "custom vertical partitioning" recipe); a read that must
@@ -8,7 +8,9 @@ see a write just made asks for the primary explicitly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Iterator
@@ -109,6 +111,28 @@ class ChatRequest(Base):
     user_message_id: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ApiKey(Base):
+    """A key for `/v1`: its owner is a caller of the same kind as a JWT's (issuer and sub). Only a hash is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    name: Mapped[str] = mapped_column(String(80), default="")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# What every API key starts with: a JWT never does ("eyJ"), so a bearer token says which it is.
+API_KEY_PREFIX = "cqk_"
+
+
+def api_key_hash(key: str) -> str:
+    """Keys are 256 random bits: a plain SHA-256 keeps them safe at rest and finds them by index."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class RoutingSession(Session):
@@ -228,6 +252,50 @@ class Store:
         """One statement on the primary, committed on its own: no BEGIN and COMMIT round trips."""
         with self.primary.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return conn.execute(stmt, params).all()
+
+    def accept_exchange(self, owner: str, messages: list[tuple[str, str]], params: dict) -> Accepted:
+        """Store a whole exchange sent at once (the OpenAI API's ``messages``, the last one the user's) as a new
+        conversation of ``owner``, with the request for its reply; one transaction."""
+        request_id, conversation_id = new_id(), new_id()
+        first_user = next((content for role, content in messages if role == "user"), messages[-1][1])
+        with self.session(primary=True) as s:
+            s.add(Conversation(id=conversation_id, owner=owner, title=_title(first_user)))
+            s.flush()
+            ids = [new_id() for _ in messages]
+            # Earlier messages get request ids of their own: a message is one per (request, role).
+            for message_id, (role, content), rid in zip(ids, messages, [*ids[:-1], request_id]):
+                s.add(Message(id=message_id, conversation_id=conversation_id, request_id=rid, role=role,
+                              content=content, status="complete"))
+                s.flush()  # in order: created_at is the clock at each insert, and the prompt is read by it
+            s.add(ChatRequest(id=request_id, owner=owner, conversation_id=conversation_id, user_message_id=ids[-1],
+                              params=params))
+        return Accepted(request_id, conversation_id, ids[-1], created=True)
+
+    def create_api_key(self, owner: str, name: str = "") -> tuple[str, str]:
+        """A new key for ``owner``: its id and the key itself, which is shown this once and kept only hashed."""
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKey(id=new_id(), owner=owner, name=name[:80], key_hash=api_key_hash(key))
+        with self.session(primary=True) as s:
+            s.add(row)
+        return row.id, key
+
+    def api_key_owner(self, key: str) -> str | None:
+        """The owner of a key that exists and is not revoked (on the primary: a key may be a moment old)."""
+        with self.session(primary=True) as s:
+            return s.scalar(select(ApiKey.owner).where(ApiKey.key_hash == api_key_hash(key),
+                                                       ApiKey.revoked_at.is_(None)))
+
+    def api_keys(self, owner: str | None = None) -> list[dict]:
+        with self.session(primary=True) as s:
+            stmt = select(ApiKey).order_by(ApiKey.created_at)
+            rows = s.scalars(stmt.where(ApiKey.owner == owner) if owner else stmt)
+            return [{"id": k.id, "owner": k.owner, "name": k.name, "created_at": k.created_at.isoformat(),
+                     "revoked": k.revoked_at is not None} for k in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        with self.session(primary=True) as s:
+            return s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                             .values(revoked_at=func.now())).rowcount > 0
 
     def forget_request(self, request_id: str, drop_conversation: bool) -> None:
         """Undo :meth:`accept_chat` when the task could not be enqueued."""

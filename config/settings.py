@@ -143,6 +143,12 @@ class Settings(BaseSettings):
 
     @computed_field
     @property
+    def model_id(self) -> str:
+        """The model's name in the OpenAI API (``GET /v1/models``): its queue's, without ``gen.``."""
+        return self.queue.removeprefix("gen.")
+
+    @computed_field
+    @property
     def queue(self) -> str:
         """The Celery queue of this model: ``gen.<model>``; workers and web agree on it."""
         if self.model_queue:

@@ -12,7 +12,10 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 
+from app.storage import Store
+from app.web.identity import owner_of
 from config.logging import configure_logging
 from config.settings import Settings
 from scripts.services import (PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis,
@@ -56,6 +59,27 @@ class Supervised:
         self.proc.stop()
 
 
+# The local operator's API key belongs to this caller.
+LOCAL_ISSUER, LOCAL_SUB = "urn:chatqueue:local", "operator"
+
+
+def local_api_key(settings: Settings, path: Path) -> str:
+    """The API key ``make run`` prints: the one kept in ``path`` (readable by its owner only) while the database
+    still knows it, else a new one."""
+    store = Store(settings.resolved_database_url, settings.resolved_replica_url, pool_size=1)
+    try:
+        if path.exists():
+            kept = path.read_text().strip()
+            if store.api_key_owner(kept) is not None:
+                return kept
+        _, key = store.create_api_key(owner_of(LOCAL_ISSUER, LOCAL_SUB), "make run")
+    finally:
+        store.dispose()
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
 def main() -> int:
     settings = Settings()
     if not settings.flower_basic_auth:  # Flower shows every task: never without a password
@@ -83,6 +107,7 @@ def main() -> int:
         pg.start()
         logger.info("Migrating the primary")
         migrate(settings.resolved_database_url)
+        api_key = local_api_key(settings, data / "api-key")
         gpus = visible_gpus(settings.gpus)
         count = len(gpus) or settings.cpu_workers
         logger.info("Starting %d worker(s) on queue %s (loading %s)", count, settings.queue, settings.model)
@@ -91,6 +116,9 @@ def main() -> int:
         started.append(Supervised("the web server", lambda: start_web(settings, logs)))
         started.append(Supervised("Flower", lambda: start_flower(settings, logs)))
         print(f"\n  Chat page: http://{settings.host}:{settings.web_port}/"
+              f"\n  API:       http://{settings.host}:{settings.web_port}/v1 (OpenAI-compatible; model "
+              f"{settings.model_id})"
+              f"\n  API key:   {api_key}"
               f"\n  Flower:    http://{settings.host}:{settings.flower_port}/ (basic auth "
               f"{settings.flower_basic_auth})"
               f"\n  Logs:      {logs}/\n\n  Press Ctrl-C to stop.\n", flush=True)

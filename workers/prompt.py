@@ -7,10 +7,15 @@ def build_prompt_ids(tokenizer, system_prompt: str, history: list[dict], max_pro
     """Token ids of the chat-templated conversation, cut to ``max_prompt_tokens``.
 
     Whole turns are dropped oldest first; the system prompt always stays. Should
-    the newest message alone be too long, its oldest tokens go.
+    the newest message alone be too long, its oldest tokens go. A conversation
+    that starts with a system message of its own (the OpenAI API's) has it in
+    place of ``system_prompt``.
     """
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     turns = list(history)
+    if turns and turns[0]["role"] == "system":
+        system = [turns.pop(0)]
+    else:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     while True:
         ids = _template(tokenizer, system + turns)
         if len(ids) <= max_prompt_tokens:

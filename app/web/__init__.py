@@ -18,6 +18,8 @@ from config.settings import DEFAULT_SECRET_KEY, Settings, on_loopback
 
 logger = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 4 * 2**20
+
 
 @dataclass
 class Services:
@@ -37,6 +39,7 @@ class Services:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the web app: settings, store, queue client, WebSocket, REST, errors."""
     from app.web.api import api
+    from app.web.v1 import v1
     from app.web.errors import register_error_handlers
     from app.web.ws import check_origin_and_identify, release_socket_slot, sock
 
@@ -51,21 +54,24 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops,
                                 x_host=settings.proxy_hops)
     app.config.update(
+        # HTTP bodies (the OpenAI API's whole conversations); larger ones get 413 before they are read.
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         # Frames over the limit close the socket with 1009 (simple-websocket does it).
         SOCK_SERVER_OPTIONS={"max_message_size": settings.max_frame_bytes, "ping_interval": 25},
     )
     redis_client = streams.connect(settings.resolved_redis_url, max_connections=4 * settings.web_pool_size)
     queue = QueueClient(settings, redis_client)
+    store = Store(settings.resolved_database_url, settings.resolved_replica_url,
+                  pool_size=min(settings.web_pool_size, 20))
     app.extensions["chat"] = Services(
         settings=settings,
-        store=Store(settings.resolved_database_url, settings.resolved_replica_url,
-                    pool_size=min(settings.web_pool_size, 20)),
+        store=store,
         redis=redis_client,
         queue=queue,
         hub=streams.StreamHub(redis_client),
         admission=Admission(redis_client, queue, settings.max_queue_depth, settings.busy_retry_after_s,
                             settings.rate_limit_per_minute, settings.rate_limit_burst, settings.max_queue_wait_s),
-        identities=Identities(settings),
+        identities=Identities(settings, store.api_key_owner),
         guest_buckets=TokenBucket(redis_client, "guest-rate:", settings.guest_rate_per_minute,
                                   settings.guest_rate_burst),
         sockets=SocketSlots(settings.max_sockets),
@@ -74,6 +80,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.teardown_request(release_socket_slot)
     sock.init_app(app)
     app.register_blueprint(api)
+    app.register_blueprint(v1)
     register_error_handlers(app)
     logger.info("Web tier ready: queue %s, primary and replica configured", settings.queue)
     return app

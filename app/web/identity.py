@@ -7,7 +7,9 @@ backend signs short-lived guest tokens itself (``POST /api/guest``) with a key
 derived from ``CHAT_SECRET_KEY``; a guest token that has expired still renews
 into one for the same guest within ``CHAT_GUEST_RENEW_S`` of its first issue.
 Tokens travel as ``Authorization: Bearer`` on HTTP and as ``?token=`` (or a
-first ``auth`` frame) on the WebSocket, whose headers browsers cannot set.
+first ``auth`` frame) on the WebSocket, whose headers browsers cannot set. An
+API key (made by ``python -m app.web.keys``) travels the same way and names a
+caller of the same kind; its prefix tells it from a JWT.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import hmac
 import time
 import uuid
 
+from collections.abc import Callable
+
 import jwt
 from flask import current_app, request
 
+from app.storage import API_KEY_PREFIX
 from config.settings import Settings
 
 GUEST_ISSUER = "urn:chatqueue:guest"
@@ -38,16 +43,38 @@ class Unauthorized(Exception):
 class Identities:
     """Verifies callers' tokens and signs guest tokens; one per web process."""
 
-    def __init__(self, settings: Settings):
+    # A key's owner is looked up once in this long: a revoked key stops working within it.
+    KEY_CACHE_S = 30.0
+
+    def __init__(self, settings: Settings, key_owner: Callable[[str], str | None] | None = None):
         self.settings = settings
+        self._key_owner = key_owner
+        self._keys: dict[str, tuple[str | None, float]] = {}
         self._guest_key = hmac.new(settings.secret_key.encode(), b"guest-token", hashlib.sha256).digest()
         self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5) \
             if settings.jwt_jwks_url else None
 
     def owner(self, token: str) -> str:
-        """The caller that ``token`` names, as ``"<issuer> <sub>"``; :class:`Unauthorized` if it names none."""
+        """The caller that ``token`` (a JWT or an API key) names, as ``"<issuer> <sub>"``; :class:`Unauthorized`
+        if it names none."""
+        if token.startswith(API_KEY_PREFIX):
+            return self._api_key_owner(token)
         claims = self.verify(token)
         return owner_of(claims["iss"], claims["sub"])
+
+    def _api_key_owner(self, key: str) -> str:
+        if self._key_owner is None or len(key) > MAX_TOKEN_CHARS:
+            raise Unauthorized("API keys are not accepted here")
+        now = time.monotonic()
+        owner, until = self._keys.get(key, (None, 0.0))
+        if until <= now:
+            owner = self._key_owner(key)
+            if len(self._keys) > 10_000:  # bounded: keys tried at random do not grow it for ever
+                self._keys.clear()
+            self._keys[key] = (owner, now + self.KEY_CACHE_S)
+        if owner is None:
+            raise Unauthorized("unknown or revoked API key")
+        return owner
 
     def verify(self, token: str, verify_exp: bool = True) -> dict:
         if not token or len(token) > MAX_TOKEN_CHARS:

@@ -4,12 +4,14 @@ workers reconnect by themselves, and the reply in flight is resumed, stored once
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import openai
 import psutil
 import psycopg
 import pytest
@@ -47,6 +49,10 @@ def test_redis_killed_mid_reply_is_restarted_and_the_reply_is_resumed_and_stored
             assert run.poll() is None and time.monotonic() < deadline, "make run did not start"
             time.sleep(0.5)
         client = Client(f"http://127.0.0.1:{ports['WEB']}")
+        # The API key it prints works with an OpenAI client.
+        [key] = re.findall(rb"API key: +(cqk_\S+)", (stack.root / "logs" / "make-run.log").read_bytes())
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['WEB']}/v1", api_key=key.decode(), max_retries=0)
+        assert [m.id for m in api.models.list().data] == [stack.settings.model_id]
         accepted = client.ask({"type": "chat", "content": "Write a long story about a robot who learns to paint.",
                                "max_new_tokens": 300})
         assert accepted["type"] == "accepted", accepted

@@ -29,6 +29,15 @@ def test_prompt_uses_the_chat_template_and_system_prompt(tokenizer):
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_conversations_own_system_message_takes_the_system_prompts_place(tokenizer):
+    history = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    text = tokenizer.decode(build_prompt_ids(tokenizer, "Be brief.", history, 1000))
+    assert text.startswith("<|im_start|>system\nAnswer in French.<|im_end|>") and "Be brief." not in text
+    # Kept while the oldest turns are cut.
+    cut = tokenizer.decode(build_prompt_ids(tokenizer, "Be brief.", history[:1] + turns(10), 200))
+    assert cut.startswith("<|im_start|>system\nAnswer in French.<|im_end|>") and "the newest question" in cut
+
+
 def test_long_history_loses_oldest_turns_first(tokenizer):
     history = turns(10)
     full = build_prompt_ids(tokenizer, "Be brief.", history, 100_000)
