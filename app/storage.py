@@ -168,6 +168,7 @@ class PromptRequest:
     params: dict
     history: list[dict]  # [{"role", "content"}], oldest first, up to this request's message
     reply: Message | None  # already stored: this is a redelivery
+    accepted_at: float = 0.0  # when the web tier stored it (seconds since the epoch, the primary's clock)
 
 
 class Store:
@@ -366,7 +367,8 @@ class Store:
         reply = next((Message(id=r.id, role=r.role, content=r.content, finish_reason=r.finish_reason,
                               prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
                       for r in rows if r.is_reply), None)
-        return PromptRequest(request_id, rows[0].conversation_id, dict(rows[0].params), history, reply)
+        return PromptRequest(request_id, rows[0].conversation_id, dict(rows[0].params), history, reply,
+                             rows[0].accepted_at.timestamp())
 
     def stored_reply(self, request_id: str) -> Message | None:
         """The request's assistant message, if it is stored (on the primary: it may be a moment old)."""
@@ -460,8 +462,9 @@ def _prompt_request_statement() -> Select:
     """A request's conversation up to its user message (failed replies left out), and its own reply if stored."""
     requests, asked, m = ChatRequest.__table__, Message.__table__.alias("asked"), Message.__table__.alias("m")
     is_reply = and_(m.c.request_id == requests.c.id, m.c.role == "assistant")
-    return (select(requests.c.conversation_id, requests.c.params, m.c.id, m.c.role, m.c.content, m.c.finish_reason,
-                   m.c.prompt_tokens, m.c.completion_tokens, is_reply.label("is_reply"))
+    return (select(requests.c.conversation_id, requests.c.params, requests.c.created_at.label("accepted_at"), m.c.id,
+                   m.c.role, m.c.content, m.c.finish_reason, m.c.prompt_tokens, m.c.completion_tokens,
+                   is_reply.label("is_reply"))
             .join(asked, asked.c.id == requests.c.user_message_id)
             .join(m, and_(m.c.conversation_id == requests.c.conversation_id,
                           or_(and_(m.c.created_at <= asked.c.created_at, m.c.status != "failed"), is_reply)))

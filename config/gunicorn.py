@@ -1,7 +1,9 @@
 """gunicorn settings for the web tier: ``gunicorn -c config/gunicorn.py 'app.web:create_app()'``."""
 
 import logging
+import os
 import resource
+import tempfile
 
 from config.heap import freeze_heap
 from config.logging import RedactFilter
@@ -43,6 +45,20 @@ def _raise_open_files_limit(wanted: int) -> None:
 
 # Every socket is a file; the default soft limit (1024) would refuse connections long before CHAT_MAX_SOCKETS.
 _raise_open_files_limit(worker_connections + 256)
+
+
+# Several processes: prometheus_client adds their metrics up from files in this folder (set before any of them
+# imports it: the app is loaded in each worker, after this file).
+if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-web-metrics-")
+
+
+def child_exit(server, worker):
+    """A web process gone: its live gauges leave the sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

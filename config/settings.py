@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # Flower's basic auth, "user:password"; `make run` makes one up (and prints it) where it is empty.
     flower_basic_auth: str = ""
 
+    # Prometheus: each worker serves its own metrics on this port (the launcher gives its i-th worker this plus
+    # i; 0: none); `metrics` off stops the workers' observing altogether.
+    metrics: bool = True
+    worker_metrics_port: int = Field(9400, ge=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 

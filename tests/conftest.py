@@ -79,7 +79,7 @@ def make_settings(root: Path, **overrides) -> Settings:
                   web_port=free_port(), flower_port=free_port(), model=str(DEFAULT_MODEL_DIR),
                   default_max_new_tokens=16, max_new_tokens_cap=48, max_content_chars=2000,
                   max_frame_bytes=8192, web_pool_size=16, secret_key="test-secret", worker_heartbeat_s=1,
-                  flower_basic_auth="flower:test-pass",
+                  flower_basic_auth="flower:test-pass", worker_metrics_port=free_port(),
                   # Clients sign in as guests (tests/integration/test_auth.py tests site tokens and the limits).
                   guests=True, guest_rate_per_minute=0, jwt_secret=SITE_SECRET, jwt_issuers=[SITE_ISSUER],
                   max_batch=4, engine_max_tokens=1024,

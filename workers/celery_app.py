@@ -19,6 +19,7 @@ from config.celery import celery_config
 from config.heap import freeze_heap
 from config.logging import configure_logging
 from config.settings import Settings
+from workers import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,10 @@ def _start(sender=None, **_):
     _runtime["handler"] = RequestHandler(
         store, functools.partial(streams.stream_events, redis_client),
         relay, CancelWatcher(redis_client), FinishedReplies(redis_client, settings.stream_ttl_s),
-        engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens)
+        engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens,
+        metrics_model=settings.model_id if settings.metrics else None)
+    if settings.metrics and settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port, settings.host)
     logger.info("%d long-lived objects taken out of full garbage collections", freeze_heap())
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),

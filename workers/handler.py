@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy.exc import OperationalError
 
 from app.protocol import done_frame, token_frame
 from app.storage import Store
+from workers import metrics
 from workers.engine import GenerationParams
+from workers.metrics import Timing
 from workers.prompt import build_prompt_ids
 from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
 
@@ -32,7 +35,7 @@ class RequestHandler:
 
     def __init__(self, store: Store, events: Callable[[str], list[dict]], relay: TokenRelay,
                  cancels: CancelWatcher, finished: FinishedReplies, engine, tokenizer, system_prompt: str,
-                 default_max_new_tokens: int):
+                 default_max_new_tokens: int, metrics_model: str | None = None):
         self.store = store
         self.events = events
         self.relay = relay
@@ -42,6 +45,7 @@ class RequestHandler:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.default_max_new_tokens = default_max_new_tokens
+        self.metrics_model = metrics_model  # the label of this worker's metrics; None: no metrics
         self._handing_back = threading.Event()
 
     def hand_back_all(self) -> None:
@@ -78,7 +82,7 @@ class RequestHandler:
 
         kept = self.finished.get(request_id) if repeat else None
         if kept is not None:  # generated in full before, but the primary failed to take it: store it now
-            finish = self._store(request_id, req.conversation_id, **kept)
+            finish = self._store(request_id, req.conversation_id, **kept, accepted_at=req.accepted_at)
             self.finished.forget(request_id)
             return finish
 
@@ -91,9 +95,11 @@ class RequestHandler:
         room = self.engine.context_limit - max_new - len(prefix_ids)
         prompt_ids = build_prompt_ids(self.tokenizer, self.system_prompt, req.history, room)
         pieces = [prefix] if prefix else []
+        timing = Timing(queue_wait_s=max(0.0, time.time() - req.accepted_at))
+        last_piece = None
 
         def on_text(text: str) -> None:  # runs on the engine thread: queue, never wait long
-            nonlocal seq
+            nonlocal seq, last_piece
             # The first token waits (briefly) until it is in Redis: the engine's next
             # step would otherwise hold the cores while the relay thread waits its turn,
             # adding milliseconds to the time to first token. Later tokens just queue.
@@ -101,11 +107,21 @@ class RequestHandler:
                             timeout=FIRST_TOKEN_WAIT_S)
             pieces.append(text)
             seq += 1
+            if self.metrics_model is not None:
+                now = time.time()
+                if last_piece is not None:
+                    metrics.ITL.labels(self.metrics_model).observe(now - last_piece)
+                elif not prefix:  # a request picked up after a worker's death has had its first token
+                    timing.first_token_s = now - req.accepted_at
+                last_piece = now
 
         gen = GenerationParams(max_new_tokens=max(1, max_new - len(prefix_ids)),
                                temperature=float(req.params.get("temperature") or 0.0))
         cancelled = self.cancels.watch(request_id)
         first_token_ms = None
+        in_flight = metrics.IN_FLIGHT.labels(self.metrics_model) if self.metrics_model else None
+        if in_flight is not None:
+            in_flight.inc()
         try:
             result = self.engine.generate(prompt_ids + prefix_ids, gen, on_text, cancelled)
             finish, completion = result.finish_reason, len(prefix_ids) + result.completion_tokens
@@ -116,6 +132,8 @@ class RequestHandler:
             finish, completion = "error", len(prefix_ids)
         finally:
             self.cancels.unwatch(request_id)
+            if in_flight is not None:
+                in_flight.dec()
         if finish == "cancelled" and self._handing_back.is_set():
             # Its stream must hold every frame sent so far before another worker reads it to go on.
             if not self.relay.sync(HAND_BACK_SYNC_S):
@@ -123,10 +141,11 @@ class RequestHandler:
             raise HandedBack(request_id)
 
         return self._store(request_id, req.conversation_id, "".join(pieces), finish, len(prompt_ids), completion,
-                           first_token_ms)
+                           first_token_ms, req.accepted_at, timing)
 
     def _store(self, request_id: str, conversation_id: str, text: str, finish: str, prompt_tokens: int,
-               completion_tokens: int, first_token_ms: float | None = None) -> str:
+               completion_tokens: int, first_token_ms: float | None = None, accepted_at: float | None = None,
+               timing: Timing | None = None) -> str:
         """Store the reply and announce it with `done`. Should the primary fail, the reply is kept for the
         task's retry (:class:`workers.relay.FinishedReplies`), which stores it rather than generating on."""
         try:
@@ -139,6 +158,9 @@ class RequestHandler:
             raise
         self.relay.send(request_id, done_frame(request_id, message_id, finish, prompt_tokens, completion_tokens,
                                                first_token_ms), wait=True)
+        if self.metrics_model is not None:
+            metrics.observe_served(self.metrics_model, timing, time.time() - accepted_at if accepted_at else None,
+                                   finish, prompt_tokens, completion_tokens)
         if message_id is None:  # its conversation was deleted meanwhile: its text goes from Redis too
             self.relay.forget(request_id)
         return finish

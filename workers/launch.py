@@ -51,13 +51,18 @@ def visible_gpus(setting: str | None, nvidia_smi: str | None = None) -> list[str
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
-def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int) -> list[WorkerSpec]:
-    """What to start: a worker per GPU, or ``cpu_workers`` CPU workers sharing the cores."""
+def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int, metrics_port: int = 0) -> list[WorkerSpec]:
+    """What to start: a worker per GPU, or ``cpu_workers`` CPU workers sharing the cores; the i-th serves its
+    metrics on ``metrics_port + i`` (none where it is 0)."""
     if gpus:
-        return [WorkerSpec(f"gpu{g}@%h", {"CUDA_VISIBLE_DEVICES": g, "CHAT_DEVICE": "cuda:0"}) for g in gpus]
-    threads = torch_threads or max(1, cores // cpu_workers)
-    return [WorkerSpec(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu",
-                                      "CHAT_TORCH_THREADS": str(threads)}) for i in range(cpu_workers)]
+        specs = [WorkerSpec(f"gpu{g}@%h", {"CUDA_VISIBLE_DEVICES": g, "CHAT_DEVICE": "cuda:0"}) for g in gpus]
+    else:
+        threads = torch_threads or max(1, cores // cpu_workers)
+        specs = [WorkerSpec(f"cpu{i}@%h", {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu",
+                                           "CHAT_TORCH_THREADS": str(threads)}) for i in range(cpu_workers)]
+    for i, spec in enumerate(specs):
+        spec.env["CHAT_WORKER_METRICS_PORT"] = str(metrics_port + i if metrics_port else 0)
+    return specs
 
 
 def worker_env(spec: WorkerSpec, environ: dict[str, str]) -> dict[str, str]:
@@ -141,7 +146,8 @@ def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     gpus = visible_gpus(settings.gpus)
-    specs = plan(gpus, settings.cpu_workers, settings.torch_threads, os.cpu_count() or 1)
+    specs = plan(gpus, settings.cpu_workers, settings.torch_threads, os.cpu_count() or 1,
+                 settings.worker_metrics_port)
     logger.info("Launching %d worker(s) on %s for queue %s", len(specs), "GPUs " + ",".join(gpus) if gpus else "CPU",
                 settings.queue)
     return Launcher(settings, specs).run()

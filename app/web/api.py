@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, abort, current_app, jsonify, request, send_from_directory
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import streams
 from app.protocol import ErrorCode, unstorable
 from app.storage import NotFound
 from app.web.errors import error_response
 from app.web.identity import Unauthorized, bearer_token, current_owner
+from app.web.metrics import QueueCollector, exposition
 
 logger = logging.getLogger(__name__)
 
@@ -110,4 +111,6 @@ def delete_conversation(conversation_id: str):
 
 @api.get("/metrics")
 def metrics():
-    return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+    svc = _services()
+    queue = QueueCollector(svc.redis, svc.settings.queue, svc.settings.model_id)
+    return exposition(queue), 200, {"Content-Type": CONTENT_TYPE_LATEST}

@@ -1,0 +1,67 @@
+"""Prometheus metrics of a worker process, served on a port of its own (``CHAT_WORKER_METRICS_PORT`` plus the
+worker's index under the launcher).
+
+Each request is observed once, when its reply is stored: a request handed to
+another worker, or retried, counts where it ends. Times run from the request's
+acceptance by the web tier (its row's ``created_at``), so the time to first
+token and the queue wait are the ones its user lived.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+# Seconds: from a few milliseconds (a GPU's next token) to minutes (a long reply behind a queue).
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_STEP = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+
+TTFT = Histogram("chat_time_to_first_token_seconds", "From acceptance to the reply's first token", ["model"],
+                 buckets=_LATENCY)
+ITL = Histogram("chat_inter_token_latency_seconds", "Between a reply's consecutive pieces of text", ["model"],
+                buckets=_STEP)
+DURATION = Histogram("chat_request_duration_seconds", "From acceptance to the reply stored", ["model"],
+                     buckets=_LATENCY)
+QUEUE_WAIT = Histogram("chat_queue_wait_seconds", "From acceptance to a worker starting on the request", ["model"],
+                       buckets=_LATENCY)
+PROMPT_TOKENS = Counter("chat_prompt_tokens_total", "Prompt tokens of the requests served", ["model"])
+COMPLETION_TOKENS = Counter("chat_completion_tokens_total", "Tokens generated for the requests served", ["model"])
+REQUESTS = Counter("chat_requests_served_total", "Requests whose reply was stored, by finish reason",
+                   ["model", "finish_reason"])
+IN_FLIGHT = Gauge("chat_requests_in_flight", "Requests this worker is generating now", ["model"])
+
+
+@dataclass
+class Timing:
+    """What one request's serving measured on the way; observed when its reply is stored."""
+
+    queue_wait_s: float | None = None
+    first_token_s: float | None = None  # from acceptance
+
+
+def serve(port: int, host: str) -> bool:
+    """Expose this process's metrics on ``host:port``; False (and a warning) where the port is taken."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        logger.warning("Metrics not served on %s:%d: %s", host, port, exc)
+        return False
+    logger.info("Metrics on http://%s:%d/metrics", host, port)
+    return True
+
+
+def observe_served(model: str, timing: Timing | None, duration_s: float | None, finish_reason: str,
+                   prompt_tokens: int, completion_tokens: int) -> None:
+    REQUESTS.labels(model, finish_reason).inc()
+    PROMPT_TOKENS.labels(model).inc(prompt_tokens)
+    COMPLETION_TOKENS.labels(model).inc(completion_tokens)
+    if duration_s is not None:
+        DURATION.labels(model).observe(duration_s)
+    if timing is not None and timing.queue_wait_s is not None:
+        QUEUE_WAIT.labels(model).observe(timing.queue_wait_s)
+    if timing is not None and timing.first_token_s is not None:
+        TTFT.labels(model).observe(timing.first_token_s)
