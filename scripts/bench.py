@@ -173,6 +173,8 @@ class Bench:
             out["poisson"] = [self.load("stack, open loop", lambda r=r: loadgen.poisson(self.url, r, self.n(24),
                                                                                             NEW_TOKENS))
                               for r in (0.5, 1.0, 2.0, 4.0)]
+            out["v1"] = {"c16": self.load("stack /v1", lambda: loadgen.closed_loop(self.url, 16, self.n(48),
+                                                                                   NEW_TOKENS, api="v1"))}
             out["overload"] = self.overload(c16)
             out["memory"] = {"worker_rss_mb": out["worker_rss_mb"]}
             out["sockets"] = self.idle_sockets()
@@ -183,8 +185,22 @@ class Bench:
             # for a median of more than a handful.
             out["stack_ttft"] = self.load(f"stack, {TTFT_TOKENS}-token replies",
                                           lambda: loadgen.closed_loop(self.url, 1, self.n(32), TTFT_TOKENS))
+            out["v1"]["c1"] = self.load("stack /v1", lambda: loadgen.closed_loop(self.url, 1, self.n(8), NEW_TOKENS,
+                                                                                 api="v1"))
+            out["v1"]["ttft"] = self.load(f"stack /v1, {TTFT_TOKENS}-token replies", lambda: loadgen.closed_loop(
+                self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
             w.stop()
+
+            # Metrics on against off: the same 16-chat load, alternated, a fresh worker each time.
+            out["metrics_on_off"] = {"on": [], "off": []}
+            for _ in range(2):
+                for on in (True, False):
+                    w = self.workers(f"metrics {'on' if on else 'off'}", 1, metrics=on)
+                    out["metrics_on_off"]["on" if on else "off"].append(self.load(
+                        f"metrics {'on' if on else 'off'}",
+                        lambda: loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS)))
+                    w.stop()
 
             w = self.workers("generate() baseline, 1 worker", 1, engine="generate", fuse_projections=False)
             b16 = self.load("baseline", lambda: loadgen.closed_loop(self.url, 16, self.n(16), NEW_TOKENS))
@@ -367,11 +383,53 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
+    lines += ["", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+              "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
               "", "![throughput and latency against offered load](benchmarks.png)", ""]
     return "\n".join(lines)
+
+
+def v1_section(out: dict) -> list[str]:
+    ws, v1 = out["stack"], out["v1"]
+
+    def row(name: str, run: dict) -> str:
+        t, i = run["ttft_ms"], run["itl_ms"]
+        return (f"| {name} | {run['offered']} | {t['p50']} / {t['p99']} | {i['p50']} / {i['p99']} | "
+                f"{run['tokens_per_s']} | {run['errors']} |")
+
+    share_ws, share_v1 = out["stack_ttft"]["ttft_stack_overhead_ms"]["p50"], v1["ttft"]["ttft_stack_overhead_ms"]["p50"]
+    return [
+        "## The OpenAI-compatible API against the WebSocket", "",
+        f"The same loads through `POST /v1/chat/completions` with `stream: true` (server-sent events, read with "
+        f"`requests`), next to the WebSocket's. The stack's share of the time to first token is the client's TTFT "
+        f"minus the engine's own (the WebSocket's `done.timing`; the last chunk's `timing` on `/v1`), p50 over "
+        f"{v1['ttft']['completed']} requests with {TTFT_TOKENS}-token replies at C=1.", "",
+        "| API | load | TTFT p50 / p99 ms | ITL p50 / p99 ms | tok/s | errors |",
+        "| --- | --- | --- | --- | --- | --- |",
+        row("/ws", ws["c1"]), row("/v1 SSE", v1["c1"]), row("/ws", ws["c16"]), row("/v1 SSE", v1["c16"]), "",
+        "| figure | measured | target | met |", "| --- | --- | --- | --- |",
+        f"| the stack's share of TTFT, /ws | {share_ws} ms | < 15 ms | "
+        f"{_yes(share_ws is not None and share_ws < 15)} |",
+        f"| the stack's share of TTFT, /v1 SSE | {share_v1} ms | < 15 ms | "
+        f"{_yes(share_v1 is not None and share_v1 < 15)} |",
+    ]
+
+
+def metrics_section(runs: dict) -> list[str]:
+    on = [_busy_tps(r) for r in runs["on"]]
+    off = [_busy_tps(r) for r in runs["off"]]
+    ratio = statistics.mean(on) / statistics.mean(off)
+    return [
+        "## Metrics on against off", "",
+        "The 16-chat load on a fresh worker with its metrics on (`CHAT_METRICS=true`: every request's histograms "
+        "and counters, a histogram observation per piece of text) and off, alternated twice: "
+        f"on {', '.join(f'{x:.1f}' for x in on)} tok/s, off {', '.join(f'{x:.1f}' for x in off)} tok/s "
+        "(while all 16 chats are in flight).", "",
+        "| figure | measured | target | met |", "| --- | --- | --- | --- |",
+        f"| throughput with metrics on / off | {ratio:.3f}x | within 3% (≥ 0.97x) | {_yes(ratio >= 0.97)} |",
+    ]
 
 
 def overload_section(o: dict) -> list[str]:
@@ -393,7 +451,8 @@ def overload_section(o: dict) -> list[str]:
         f"| refusals ({'; '.join(f'{k}: {n}' for k, n in o['refusal_reasons'].items()) or 'none'}) | {refused} | "
         f"only `busy`/`rate_limited` | {_yes(o['contract']['every refusal busy, rate_limited or 503'])} |",
         f"| TTFT of accepted chats, p50 / p95 / p99 / max ms | {t['p50']} / {t['p95']} / {t['p99']} / {t['max']} | "
-        f"p99 ≤ {OVERLOAD_TTFT_P99_S * 1000} | {_yes(t['p99'] is not None and t['p99'] <= OVERLOAD_TTFT_P99_S * 1000)} |",
+        f"p99 ≤ {OVERLOAD_TTFT_P99_S * 1000} | "
+        f"{_yes(t['p99'] is not None and t['p99'] <= OVERLOAD_TTFT_P99_S * 1000)} |",
         f"| `/healthz` p50 / p99 / max ms, failures | {h['p50']} / {h['p99']} / {h['max']}, "
         f"{o['healthz_failures']} | max ≤ {HEALTHZ_LIMIT_MS}, none failed | "
         f"{_yes(o['healthz_failures'] == 0 and h['max'] is not None and h['max'] <= HEALTHZ_LIMIT_MS)} |",

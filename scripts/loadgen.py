@@ -82,26 +82,71 @@ def _one(ws: websocket.WebSocket, prompt: str, max_new_tokens: int) -> Sample:
         return sample
 
 
-def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "") -> Run:
-    """``concurrency`` chats, each sending its next request when the last is done."""
+def _one_sse(http: requests.Session, url: str, model: str, prompt: str, max_new_tokens: int) -> Sample:
+    """One streamed request through the OpenAI-compatible API."""
+    sample = Sample(sent=time.perf_counter())
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_new_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=120) as res:
+            if res.status_code != 200:
+                sample.error = str(res.status_code)
+                return sample
+            sample.accepted = True
+            for line in res.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    sample.completion_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        sample.token_times.append(now)
+                    if choice["finish_reason"]:
+                        sample.done, sample.finish_reason = now, choice["finish_reason"]
+                        sample.engine_first_token_ms = chunk.get("timing", {}).get("engine_first_token_ms")
+                if "error" in chunk:
+                    sample.error = chunk["error"].get("code") or "error"
+        if sample.done is None and sample.error is None:
+            sample.error = "no finish"
+    except Exception as exc:
+        sample.error = type(exc).__name__
+    return sample
+
+
+def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "",
+                api: str = "ws") -> Run:
+    """``concurrency`` chats, each sending its next request when the last is done: over the WebSocket
+    (``api="ws"``) or streamed through the OpenAI-compatible API (``api="v1"``)."""
     token = guest_token(base_url)
     samples: list[Sample] = []
     lock = threading.Lock()
     counter = iter(range(total))
+    model = None
+    if api == "v1":
+        models = requests.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        model = models.json()["data"][0]["id"]
 
     def client() -> None:
-        ws = connect(base_url, token)
+        if api == "v1":
+            http = requests.Session()
+            http.headers["Authorization"] = f"Bearer {token}"
+            one, close = (lambda p: _one_sse(http, base_url, model, p, max_new_tokens)), http.close
+        else:
+            ws = connect(base_url, token)
+            one, close = (lambda p: _one(ws, p, max_new_tokens)), ws.close
         try:
             while True:
                 with lock:
                     i = next(counter, None)
                 if i is None:
                     return
-                s = _one(ws, PROMPTS[i % len(PROMPTS)], max_new_tokens)
+                s = one(PROMPTS[i % len(PROMPTS)])
                 with lock:
                     samples.append(s)
         finally:
-            ws.close()
+            close()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -109,7 +154,8 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
         t.start()
     for t in threads:
         t.join(900)
-    return Run(label, f"C={concurrency}", samples, time.perf_counter() - started, concurrency)
+    return Run(label, f"C={concurrency}" + (" /v1" if api == "v1" else ""), samples, time.perf_counter() - started,
+               concurrency)
 
 
 def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:

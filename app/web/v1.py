@@ -277,10 +277,10 @@ class Reply:
             "usage": _usage(done),
         })
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+    def _chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
         return _event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                        "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                         "logprobs": None}]})
+                                                         "logprobs": None}], **extra})
 
     def sse(self, include_usage: bool) -> Iterator[str]:
         yield self._chunk({"role": "assistant", "content": ""})
@@ -293,8 +293,9 @@ class Reply:
                     if frame["finish_reason"] == "error":
                         yield _event({"error": {"message": "the model failed on this request",
                                                 "type": "server_error", "param": None, "code": None}})
-                    else:
-                        yield self._chunk({}, frame["finish_reason"])
+                    else:  # with the engine's own time to its first token, as the WebSocket's `done` has it
+                        yield self._chunk({}, frame["finish_reason"], **({"timing": frame["timing"]}
+                                                                         if "timing" in frame else {}))
                     if include_usage:
                         yield _event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                       "model": self.model, "choices": [], "usage": _usage(frame)})

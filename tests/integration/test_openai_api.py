@@ -15,6 +15,7 @@ import requests
 
 from app.web.identity import owner_of
 from config.settings import ROOT
+from scripts import loadgen
 from scripts.services import free_port, settings_env
 from tests.conftest import SITE_ISSUER, second_web, site_token
 
@@ -186,3 +187,9 @@ def test_a_stream_closed_early_ends_the_request_cancelled(stack, key):
         stream.close()
     content, finish, _, completion_tokens, _ = stored(stack, chunks[0].id)
     assert finish == "cancelled" and completion_tokens < 400
+
+
+def test_the_benchmarks_sse_client_reads_streams_with_their_timing(stack):
+    run = loadgen.closed_loop(stack.base_url, 2, 4, 6, api="v1")
+    assert [s.error for s in run.samples] == [None] * 4
+    assert all(s.token_times and s.completion_tokens and s.engine_first_token_ms is not None for s in run.samples)
