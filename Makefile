@@ -7,12 +7,16 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 MODEL_DIR := data/models/SmolLM2-135M-Instruct
 
-.PHONY: setup deps cpu run test bench clean
+.PHONY: setup deps browser-deps cpu run test bench clean
 
 setup: deps $(VENV)/.installed $(MODEL_DIR)/.converted
 
 deps:
 	@bash scripts/install-deps.sh
+
+# The browser tests' Chromium (Debian's), beside the rest.
+browser-deps:
+	@bash scripts/install-deps.sh --browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,7 +34,7 @@ run: setup
 cpu:
 	@$(PY) -m workers.cpu
 
-test: cpu setup
+test: cpu browser-deps setup
 	$(PYTHON) -m pytest
 
 bench: setup

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the stack runs on, when they are missing.
+# Install the Debian packages the stack runs on, when they are missing; with --browser also Chromium, which the
+# browser tests drive through Playwright (never `playwright install`: Debian's build is used).
 set -euo pipefail
 
 missing=()
@@ -7,6 +8,7 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missi
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then missing+=(chromium fonts-liberation); fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

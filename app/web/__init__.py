@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from app.web.api import api
     from app.web.v1 import v1
     from app.web.errors import register_error_handlers
-    from app.web.ws import check_origin_and_identify, release_socket_slot, sock
+    from app.web.ws import allow_cross_origin, check_origin_and_identify, release_socket_slot, sock
 
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.before_request(check_origin_and_identify)
     app.teardown_request(release_socket_slot)
+    app.after_request(allow_cross_origin)
     sock.init_app(app)
     app.register_blueprint(api)
     app.register_blueprint(v1)

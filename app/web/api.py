@@ -11,7 +11,7 @@ from app import streams
 from app.protocol import ErrorCode, unstorable
 from app.storage import NotFound
 from app.web.errors import error_response
-from app.web.identity import Unauthorized, bearer_token, current_owner
+from app.web.identity import Unauthorized, bearer_token, current_owner, origin_allowed
 from app.web.metrics import QueueCollector, exposition
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,22 @@ def refuse_unstorable_ids(endpoint, values) -> None:
 @api.get("/")
 def index():
     return send_from_directory(api.static_folder, "index.html")
+
+
+@api.get("/widget.js")
+def widget():
+    """The chat widget: ``<script src="https://HOST/widget.js" async></script>`` on an allowed site."""
+    return send_from_directory(api.static_folder, "widget.js", max_age=300)
+
+
+@api.get("/api/widget-config")
+def widget_config():
+    """What the widget asks first, from any page: whether its page's origin may use this backend (if not, it
+    says so once instead of reconnecting for ever), and whether guests may chat."""
+    origin = request.headers.get("Origin")
+    res = jsonify({"origin_allowed": origin is None or origin_allowed(origin), "guests": _services().settings.guests})
+    res.headers["Access-Control-Allow-Origin"] = "*"
+    return res
 
 
 @api.post("/api/guest")

@@ -167,6 +167,12 @@ def bearer_token() -> str | None:
     return request.args.get("token") or None
 
 
+def origin_allowed(origin: str) -> bool:
+    """Whether a page of ``origin`` may use this backend: the same host, or one of ``CHAT_ALLOWED_ORIGINS``."""
+    return origin in current_app.extensions["chat"].settings.allowed_origins \
+        or origin.split("://", 1)[-1] == request.host
+
+
 def current_owner() -> str:
     """The caller of this HTTP request; :class:`Unauthorized` when it names none."""
     identities: Identities = current_app.extensions["chat"].identities

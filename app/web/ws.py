@@ -29,7 +29,7 @@ from app.protocol import (
 from app.storage import NotFound
 from app.web import metrics
 from app.web.errors import error_response
-from app.web.identity import Unauthorized, bearer_token
+from app.web.identity import Unauthorized, bearer_token, origin_allowed
 from app.web.queue import QueueUnavailable
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def check_origin_and_identify():
         return
     origin = request.headers.get("Origin")
     svc = current_app.extensions["chat"]
-    if origin and origin not in svc.settings.allowed_origins and origin.split("://", 1)[-1] != request.host:
+    if origin and not origin_allowed(origin):
         abort(403, description="origin not allowed")
     if request.path != "/ws":
         return
@@ -231,3 +231,18 @@ def release_socket_slot(_exc=None) -> None:
     """After the handshake's request ends (its socket closed, or refused before it opened): free its slot."""
     if request.environ.pop("chat.socket_slot", False):
         current_app.extensions["chat"].sockets.release()
+
+
+def allow_cross_origin(response):
+    """CORS: the widget's modules for any page; the API's answers for pages of allowed origins only (others
+    get no CORS headers, so their browser keeps the answer from them)."""
+    origin = request.headers.get("Origin")
+    if request.path.startswith("/static/"):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin and request.path.startswith("/api/") and origin_allowed(origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE"
+        response.headers["Access-Control-Max-Age"] = "600"
+        response.vary.add("Origin")
+    return response

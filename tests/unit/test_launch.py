@@ -18,8 +18,16 @@ def test_one_worker_per_gpu_pinned_and_named_after_it():
 def test_cpu_workers_share_the_cores_and_see_no_gpu():
     specs = plan([], cpu_workers=2, torch_threads=0, cores=2)
     assert [s.name for s in specs] == ["cpu0@%h", "cpu1@%h"]
-    assert all(s.env == {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu", "CHAT_TORCH_THREADS": "1"} for s in specs)
+    assert all(s.env == {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu", "CHAT_TORCH_THREADS": "1",
+                         "CHAT_WORKER_METRICS_PORT": "0"} for s in specs)
     assert plan([], cpu_workers=1, torch_threads=3, cores=2)[0].env["CHAT_TORCH_THREADS"] == "3"
+
+
+def test_each_worker_serves_its_metrics_on_a_port_of_its_own():
+    assert [s.env["CHAT_WORKER_METRICS_PORT"] for s in plan([], 3, 0, 2, metrics_port=9400)] == ["9400", "9401",
+                                                                                                  "9402"]
+    assert [s.env["CHAT_WORKER_METRICS_PORT"] for s in plan(["0", "1"], 1, 0, 2, metrics_port=9500)] == ["9500",
+                                                                                                      "9501"]
 
 
 def test_visible_gpus_from_the_setting_or_nvidia_smi(tmp_path):
