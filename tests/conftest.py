@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
@@ -132,6 +134,29 @@ def guest_token(base_url: str) -> str:
     res = requests.post(base_url + "/api/guest", headers={"Origin": base_url}, timeout=10)
     res.raise_for_status()
     return res.json()["token"]
+
+
+@contextmanager
+def one_page_server(body: bytes, content_type: str, port: int = 0):
+    """A server on loopback that answers every GET with ``body`` (a site's page, its published keys): its port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
 
 
 @contextmanager

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from scripts.services import free_port
-from tests.conftest import Client, second_web, site_token
+from tests.conftest import Client, one_page_server, second_web, site_token
 
 pytestmark = pytest.mark.integration
 
@@ -28,24 +26,8 @@ def host_page(widget_url: str, port: int, token: str | None = None):
     data = f' data-token="{token}"' if token else ""
     body = (f'<!doctype html><html><head><title>Shop</title></head><body><h1>A shop</h1>'
             f'<script src="{widget_url}/widget.js" async{data}></script></body></html>').encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with one_page_server(body, "text/html; charset=utf-8", port):
         yield f"http://localhost:{port}"
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture(scope="module")

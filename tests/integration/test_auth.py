@@ -4,10 +4,8 @@ the backend signs where guests are allowed; every other token is `unauthorized` 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
@@ -15,7 +13,7 @@ import requests
 import websocket
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import SITE_ISSUER, SITE_SECRET, Client, second_web, site_token
+from tests.conftest import SITE_ISSUER, SITE_SECRET, Client, one_page_server, second_web, site_token
 
 pytestmark = pytest.mark.integration
 
@@ -161,25 +159,8 @@ def test_guest_tokens_are_rate_limited_per_address(stack):
 @contextmanager
 def jwks_server(keys: list[dict]):
     """The embedding site's published keys, served on loopback."""
-    body = json.dumps({"keys": keys}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/.well-known/jwks.json"
-    finally:
-        server.shutdown()
+    with one_page_server(json.dumps({"keys": keys}).encode(), "application/json") as port:
+        yield f"http://127.0.0.1:{port}/.well-known/jwks.json"
 
 
 def test_tokens_signed_with_a_key_of_the_sites_jwks_are_accepted_and_others_not(stack):

@@ -186,6 +186,7 @@
       ws.send(JSON.stringify({ type: "auth", token }));  // the token in a frame, never in the URL
       if (current) ws.send(JSON.stringify({ type: "resume", request_id: current.requestId, after_seq: current.lastSeq }));
       status("");
+      sendChat();
     };
     ws.onclose = () => {
       if (blocked) return;
@@ -233,14 +234,25 @@
     }
   }
 
+  // A message typed before the socket is open (or while it reconnects) is sent once it is.
+  let outbox = null;
+
+  function sendChat() {
+    if (!outbox || !ws || ws.readyState !== WebSocket.OPEN) return;
+    ws.send(JSON.stringify({ type: "chat", content: outbox.content, conversation_id: conversationId,
+                             client_id: outbox.clientId }));
+    outbox = null;
+  }
+
   $("form").onsubmit = (e) => {
     e.preventDefault();
     const content = $("textarea").value.trim();
-    if (!content || !ws || ws.readyState !== WebSocket.OPEN || current) return;
+    if (!content || blocked || current || outbox) return;
     bubble("user", content);
-    ws.send(JSON.stringify({ type: "chat", content, conversation_id: conversationId,
-                             client_id: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) }));
     $("textarea").value = "";
+    outbox = { content, clientId: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) };
+    if (!ws || ws.readyState !== WebSocket.OPEN) status("connecting…");
+    sendChat();
   };
   $("textarea").onkeydown = (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
