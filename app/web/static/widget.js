@@ -18,7 +18,7 @@
   };
   let token = script.dataset.token || null, siteToken = !!token;
   let ws = null, conversationId = store.get("conversation"), current = null, blocked = false, retryMs = 1000;
-  let md = null;  // {marked, DOMPurify} once loaded
+  let core = null, render = null;  // chat-core.js, and its Markdown renderer, once loaded
   const bubbles = {};
 
   // ---- the panel, in a shadow root: the host page's styles do not reach in, ours do not leak out ----
@@ -78,8 +78,8 @@
   // Model output is Markdown: rendered, then sanitized, never inserted as it came.
   function show(el, text) {
     el.dataset.text = text;
-    if (el.classList.contains("assistant") && md) {
-      el.innerHTML = md.DOMPurify.sanitize(md.marked.parse(text));
+    if (el.classList.contains("assistant") && render) {
+      el.innerHTML = render(text);
     } else {
       el.textContent = text;
     }
@@ -101,30 +101,26 @@
     if (ws) ws.close();
   }
 
-  async function loadRendering() {
-    const [marked, purify] = await Promise.all([import(`${HOST}/static/vendor/marked.esm.js`),
-                                                import(`${HOST}/static/vendor/purify.es.mjs`)]);
-    md = { marked: marked.marked, DOMPurify: purify.default };
-    md.marked.setOptions({ gfm: true, breaks: true });
+  let coreLoaded = null;
+  function loadCore() {
+    coreLoaded = coreLoaded || (async () => {
+      core = await import(`${HOST}/static/chat-core.js`);
+      render = await core.markdownRenderer(HOST);
+      outbox = new core.Outbox();
+    })();
+    return coreLoaded;
   }
 
   function authHeader() { return { Authorization: "Bearer " + token }; }
 
   async function guestToken(renew) {
     const kept = store.get("guest");
-    if (kept && !renew && !expired(kept)) return kept;
+    if (kept && !renew && !core.expired(kept)) return kept;
     const res = await fetch(`${HOST}/api/guest`, { method: "POST", headers: kept ? { Authorization: "Bearer " + kept } : {} });
     if (!res.ok) return null;
     const fresh = (await res.json()).token;
     store.set("guest", fresh);
     return fresh;
-  }
-
-  function expired(jwt) {
-    try {
-      const claims = JSON.parse(atob(jwt.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
-      return claims.exp * 1000 < Date.now() + 60000;
-    } catch (e) { return true; }
   }
 
   async function signIn(renew) {
@@ -146,7 +142,7 @@
       block(`This site (${location.origin}) is not allowed to use this chat service.`);
       return;
     }
-    await loadRendering();
+    await loadCore();
     if (!(await signIn(false))) {
       block("Sign in on this site to chat.");
       return;
@@ -186,7 +182,7 @@
       ws.send(JSON.stringify({ type: "auth", token }));  // the token in a frame, never in the URL
       if (current) ws.send(JSON.stringify({ type: "resume", request_id: current.requestId, after_seq: current.lastSeq }));
       status("");
-      sendChat();
+      outbox.flush(ws, conversationId);
     };
     ws.onclose = () => {
       if (blocked) return;
@@ -236,23 +232,16 @@
 
   // A message typed before the socket is open (or while it reconnects) is sent once it is.
   let outbox = null;
-
-  function sendChat() {
-    if (!outbox || !ws || ws.readyState !== WebSocket.OPEN) return;
-    ws.send(JSON.stringify({ type: "chat", content: outbox.content, conversation_id: conversationId,
-                             client_id: outbox.clientId }));
-    outbox = null;
-  }
-
-  $("form").onsubmit = (e) => {
+  $("form").onsubmit = async (e) => {
     e.preventDefault();
     const content = $("textarea").value.trim();
-    if (!content || blocked || current || outbox) return;
+    if (!content || blocked || current) return;
+    await loadCore();
+    if (!outbox.put(content)) return;
     bubble("user", content);
     $("textarea").value = "";
-    outbox = { content, clientId: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) };
     if (!ws || ws.readyState !== WebSocket.OPEN) status("connecting…");
-    sendChat();
+    outbox.flush(ws, conversationId);
   };
   $("textarea").onkeydown = (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("form").requestSubmit(); }
