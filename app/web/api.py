@@ -77,8 +77,9 @@ def healthz():
 
 @api.get("/readyz")
 def readyz():
-    """200 when Redis, the primary and a worker with the model answer; the replica is reported, but reads go to
-    the primary while it is away, so its loss does not take the web tier out of rotation."""
+    """200 when Redis and the primary answer: the load balancer's check, which must not wait for a worker (scaling
+    up from zero workers would then never begin). Live workers are reported; ``?workers=1`` also requires one.
+    The replica is reported, but reads go to the primary while it is away, so its loss does not count."""
     svc = _services()
     checks: dict[str, str] = {}
     for name, probe in (("redis", svc.redis.ping), ("primary", lambda: svc.store.ping("primary")),
@@ -93,7 +94,8 @@ def readyz():
         checks["worker"] = "ok" if workers else f"failed: no worker with a loaded model on {svc.settings.queue}"
     except Exception as exc:
         checks["worker"] = f"failed: {type(exc).__name__}"
-    ready = all(v == "ok" for name, v in checks.items() if name != "replica")
+    counted = {"redis", "primary"} | ({"worker"} if request.args.get("workers") in ("1", "true") else set())
+    ready = all(checks[name] == "ok" for name in counted)
     if checks["replica"] != "ok":
         checks["replica"] += " (reads go to the primary)"
     body = {"status": "ready" if ready else "unavailable", "checks": checks}

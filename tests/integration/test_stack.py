@@ -6,15 +6,25 @@ import pytest
 import requests
 
 from scripts.services import free_port, start_web
+from tests.conftest import second_web
 
 pytestmark = pytest.mark.integration
 
 
 def test_health_and_readiness(stack):
     assert requests.get(stack.base_url + "/healthz", timeout=5).json() == {"status": "ok"}
-    res = requests.get(stack.base_url + "/readyz", timeout=5)
-    assert res.status_code == 200
-    assert res.json()["checks"] == {"redis": "ok", "primary": "ok", "replica": "ok", "worker": "ok"}
+    for url in ("/readyz", "/readyz?workers=1"):
+        res = requests.get(stack.base_url + url, timeout=5)
+        assert res.status_code == 200
+        assert res.json()["checks"] == {"redis": "ok", "primary": "ok", "replica": "ok", "worker": "ok"}
+
+
+def test_readiness_does_not_wait_for_a_worker_unless_asked(stack):
+    """A load balancer's check must pass with no worker yet, or scaling up from zero workers never begins."""
+    with second_web(stack, model_queue="gen.nobody-serves-this") as (url, _):
+        plain, asked = (requests.get(url + path, timeout=10) for path in ("/readyz", "/readyz?workers=1"))
+    assert plain.status_code == 200 and plain.json()["checks"]["worker"].startswith("failed")
+    assert asked.status_code == 503
 
 
 def test_chat_page_is_served(stack):
