@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # A running task's hold on its broker message: renewed by its worker every fifth of it, handed back to the
     # queue when its worker stops renewing (it died).
     task_lease_s: float = Field(10, ge=2)
+    # How long a worker host keeps trying to reach the broker and the database at start before it says which it
+    # cannot reach and exits (a refusal, a missing model: at once).
+    join_timeout_s: float = Field(30, gt=0)
     # Told to stop, a worker finishes its requests for up to this long, then hands the rest back to the queue.
     worker_drain_s: float = Field(30, ge=0)
 
@@ -119,12 +122,17 @@ class Settings(BaseSettings):
     @computed_field
     @property
     def resolved_redis_url(self) -> str:
-        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+        """Token streams, heartbeats: where set, else the broker's Redis, else the local one."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return self.broker_url
+        return f"redis://{self.host}:{self.redis_port}/0"
 
     @computed_field
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or self.resolved_redis_url
+        return self.broker_url or self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
 
     @computed_field
     @property

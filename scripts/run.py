@@ -18,9 +18,9 @@ from app.storage import Store
 from app.web.identity import owner_of
 from config.logging import configure_logging
 from config.settings import Settings
-from scripts.services import (PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis,
-                             start_web)
+from scripts.services import PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis, start_web
 from workers.launch import STABLE_AFTER_S, restart_delay, visible_gpus
+from workers.preflight import EX_CONFIG
 
 logger = logging.getLogger("run")
 
@@ -35,10 +35,15 @@ class Supervised:
         self.started_at = time.monotonic()
         self.failures = 0  # exits in a row, each soon after its start
         self.restart_at: float | None = None
+        self.failed = False  # exited with a configuration error: not restarted
 
     def check(self, now: float) -> None:
         if self.restart_at is None:
-            if self.proc.alive():
+            if self.proc.alive() or self.failed:
+                return
+            if self.proc.proc.returncode == EX_CONFIG:  # it said what is wrong; restarting would not mend it
+                logger.error("%s cannot start with these settings; see %s", self.name, self.proc.log_path)
+                self.failed = True
                 return
             # As the launcher counts its workers' failures: one that ran a while starts the count again.
             self.failures = self.failures + 1 if now - self.started_at < STABLE_AFTER_S else 1

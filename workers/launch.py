@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from config.logging import configure_logging
 from config.settings import ROOT, Settings
+from workers import preflight
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ class Launcher:
 def main() -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
+    problems = preflight.problems(settings)
+    if problems:  # one line each, and no restarting: a wrong setting does not get better by retrying
+        for problem in problems:
+            logger.error("Cannot join: %s", problem)
+        return preflight.EX_CONFIG
     gpus = visible_gpus(settings.gpus)
     specs = plan(gpus, settings.cpu_workers, settings.torch_threads, os.cpu_count() or 1,
                  settings.worker_metrics_port)

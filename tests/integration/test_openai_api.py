@@ -171,7 +171,8 @@ def test_no_worker_for_the_model_or_no_broker_is_503_and_nothing_is_stored(stack
         with pytest.raises(openai.InternalServerError) as raised:
             api.chat.completions.create(model="unserved", **body)
         assert raised.value.status_code == 503
-    with second_web(stack, broker_url=f"redis://127.0.0.1:{free_port()}/0") as (base_url, _):
+    with second_web(stack, broker_url=f"redis://127.0.0.1:{free_port()}/0",
+                    redis_url=stack.settings.resolved_redis_url) as (base_url, _):
         with pytest.raises(openai.InternalServerError) as raised:
             client(base_url, key).chat.completions.create(model=stack.settings.model_id, **body)
         assert raised.value.status_code == 503

@@ -48,3 +48,12 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"`CHAT_{name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_the_redis_url_defaults_to_the_brokers_so_a_worker_host_needs_only_the_broker():
+    joined = Settings(broker_url="redis://:pw@broker.internal:6379/0")
+    assert joined.resolved_redis_url == joined.resolved_broker_url == "redis://:pw@broker.internal:6379/0"
+    assert Settings(broker_url="amqp://rabbit//").resolved_redis_url == "redis://127.0.0.1:6390/0"
+    apart = Settings(broker_url="redis://a:6379/0", redis_url="redis://b:6379/1")
+    assert (apart.resolved_broker_url, apart.resolved_redis_url) == ("redis://a:6379/0", "redis://b:6379/1")
+    assert Settings().resolved_broker_url == Settings().resolved_redis_url == "redis://127.0.0.1:6390/0"
