@@ -206,8 +206,10 @@ def beat(client: redis.Redis, name: str, info: dict, ttl_s: int) -> None:
     client.set(WORKER_PREFIX + name, json.dumps(info), ex=ttl_s)
 
 
-def live_workers(client: redis.Redis) -> list[dict]:
+def live_workers(client: redis.Redis, queue: str | None = None) -> list[dict]:
+    """The heartbeats of the workers alive with a loaded model: of those that serve ``queue``, where given."""
     keys = list(client.scan_iter(match=WORKER_PREFIX + "*", count=100))
     if not keys:
         return []
-    return [json.loads(v) for v in client.mget(keys) if v]
+    beats = [json.loads(v) for v in client.mget(keys) if v]
+    return beats if queue is None else [b for b in beats if b.get("queue") == queue]

@@ -46,6 +46,9 @@ class RequestHandler:
         self.system_prompt = system_prompt
         self.default_max_new_tokens = default_max_new_tokens
         self.metrics_model = metrics_model  # the label of this worker's metrics; None: no metrics
+        # Looked up once: one is observed per piece of text, on the engine's thread.
+        self._itl = metrics.ITL.labels(metrics_model) if metrics_model else None
+        self._in_flight = metrics.IN_FLIGHT.labels(metrics_model) if metrics_model else None
         self._handing_back = threading.Event()
 
     def hand_back_all(self) -> None:
@@ -107,10 +110,10 @@ class RequestHandler:
                             timeout=FIRST_TOKEN_WAIT_S)
             pieces.append(text)
             seq += 1
-            if self.metrics_model is not None:
+            if self._itl is not None:
                 now = time.time()
                 if last_piece is not None:
-                    metrics.ITL.labels(self.metrics_model).observe(now - last_piece)
+                    self._itl.observe(now - last_piece)
                 elif not prefix:  # a request picked up after a worker's death has had its first token
                     timing.first_token_s = now - req.accepted_at
                 last_piece = now
@@ -119,29 +122,30 @@ class RequestHandler:
                                temperature=float(req.params.get("temperature") or 0.0))
         cancelled = self.cancels.watch(request_id)
         first_token_ms = None
-        in_flight = metrics.IN_FLIGHT.labels(self.metrics_model) if self.metrics_model else None
-        if in_flight is not None:
-            in_flight.inc()
+        # In flight until its reply is stored and observed: a scrape that sees none in flight sees every figure.
+        if self._in_flight is not None:
+            self._in_flight.inc()
         try:
-            result = self.engine.generate(prompt_ids + prefix_ids, gen, on_text, cancelled)
-            finish, completion = result.finish_reason, len(prefix_ids) + result.completion_tokens
-            if result.first_token_s is not None:
-                first_token_ms = 1000 * result.first_token_s
-        except Exception:
-            logger.exception("Generation failed for request %s", request_id)
-            finish, completion = "error", len(prefix_ids)
+            try:
+                result = self.engine.generate(prompt_ids + prefix_ids, gen, on_text, cancelled)
+                finish, completion = result.finish_reason, len(prefix_ids) + result.completion_tokens
+                if result.first_token_s is not None:
+                    first_token_ms = 1000 * result.first_token_s
+            except Exception:
+                logger.exception("Generation failed for request %s", request_id)
+                finish, completion = "error", len(prefix_ids)
+            finally:
+                self.cancels.unwatch(request_id)
+            if finish == "cancelled" and self._handing_back.is_set():
+                # Its stream must hold every frame sent so far before another worker reads it to go on.
+                if not self.relay.sync(HAND_BACK_SYNC_S):
+                    logger.error("Request %s handed back before its frames were in Redis", request_id)
+                raise HandedBack(request_id)
+            return self._store(request_id, req.conversation_id, "".join(pieces), finish, len(prompt_ids),
+                               completion, first_token_ms, req.accepted_at, timing)
         finally:
-            self.cancels.unwatch(request_id)
-            if in_flight is not None:
-                in_flight.dec()
-        if finish == "cancelled" and self._handing_back.is_set():
-            # Its stream must hold every frame sent so far before another worker reads it to go on.
-            if not self.relay.sync(HAND_BACK_SYNC_S):
-                logger.error("Request %s handed back before its frames were in Redis", request_id)
-            raise HandedBack(request_id)
-
-        return self._store(request_id, req.conversation_id, "".join(pieces), finish, len(prompt_ids), completion,
-                           first_token_ms, req.accepted_at, timing)
+            if self._in_flight is not None:
+                self._in_flight.dec()
 
     def _store(self, request_id: str, conversation_id: str, text: str, finish: str, prompt_tokens: int,
                completion_tokens: int, first_token_ms: float | None = None, accepted_at: float | None = None,

@@ -32,7 +32,7 @@ PROMPT_TOKENS = Counter("chat_prompt_tokens_total", "Prompt tokens of the reques
 COMPLETION_TOKENS = Counter("chat_completion_tokens_total", "Tokens generated for the requests served", ["model"])
 REQUESTS = Counter("chat_requests_served_total", "Requests whose reply was stored, by finish reason",
                    ["model", "finish_reason"])
-IN_FLIGHT = Gauge("chat_requests_in_flight", "Requests this worker is generating now", ["model"])
+IN_FLIGHT = Gauge("chat_requests_in_flight", "Requests this worker is generating or storing now", ["model"])
 
 
 @dataclass

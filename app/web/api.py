@@ -90,7 +90,7 @@ def readyz():
         except Exception as exc:
             checks[name] = f"failed: {type(exc).__name__}"
     try:
-        workers = [w for w in streams.live_workers(svc.redis) if w.get("queue") == svc.settings.queue]
+        workers = streams.live_workers(svc.redis, svc.settings.queue)
         checks["worker"] = "ok" if workers else f"failed: no worker with a loaded model on {svc.settings.queue}"
     except Exception as exc:
         checks["worker"] = f"failed: {type(exc).__name__}"

@@ -20,10 +20,14 @@ _HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: Err
                429: ErrorCode.RATE_LIMITED, 503: ErrorCode.UNAVAILABLE}
 
 
+def retry_after_header(seconds: float | None) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least one, where a refusal says when to come back."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds is not None else {}
+
+
 def error_response(code: ErrorCode, message: str, status: int | None = None, retry_after: float | None = None):
-    """``{"error": {"code", "message"}}`` with the status that matches the code, and ``Retry-After`` (whole
-    seconds, at least one) where the refusal says when to come back."""
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
+    """``{"error": {"code", "message"}}`` with the status that matches the code, and ``Retry-After``."""
+    headers = retry_after_header(retry_after)
     return jsonify({"error": {"code": code.value, "message": message}}), status or HTTP_STATUS[code], headers
 
 

@@ -35,8 +35,7 @@ class QueueCollector(Collector):
         live = GaugeMetricFamily("chat_workers_live", "Workers with the model loaded and beating", labels=["model"])
         try:
             depth.add_metric([self.model], self.client.llen(self.queue))
-            live.add_metric([self.model], sum(1 for w in streams.live_workers(self.client)
-                                              if w.get("queue") == self.queue))
+            live.add_metric([self.model], len(streams.live_workers(self.client, self.queue)))
         except redis.RedisError:
             return  # Redis away: no figure rather than a wrong one
         yield depth

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from app.web import metrics
 from config.celery import TASK_GENERATE, celery_config
 from config.settings import Settings
 
@@ -30,6 +32,18 @@ class QueueClient:
     def depth(self) -> int:
         """Tasks waiting on the queue, not yet taken by a worker."""
         return int(self.redis.llen(self.queue))
+
+    def submit(self, store, request_id: str, drop_conversation: bool) -> bool:
+        """Enqueue a request just accepted; where the broker cannot take it, undo what was stored for it (no
+        request is left stored without its task) and return False."""
+        try:
+            self.enqueue(request_id)
+        except (QueueUnavailable, redis.RedisError) as exc:
+            logger.error("Could not enqueue request %s: %s", request_id, exc)
+            store.forget_request(request_id, drop_conversation=drop_conversation)
+            return False
+        metrics.ACCEPTED.inc()
+        return True
 
     def enqueue(self, request_id: str) -> None:
         started = time.monotonic()

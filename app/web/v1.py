@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
 import time
 from collections.abc import Iterator
@@ -26,8 +25,8 @@ from werkzeug.exceptions import HTTPException
 from app import streams
 from app.protocol import ErrorCode, ProtocolError, unstorable
 from app.web import metrics
+from app.web.errors import retry_after_header
 from app.web.identity import Unauthorized, bearer_token
-from app.web.queue import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class ApiError(Exception):
 
 
 def _error_response(exc: ApiError):
-    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else {}
+    headers = retry_after_header(exc.retry_after)
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="chat"'
     metrics.ERRORS.labels(_CODES.get(exc.status, ErrorCode.BAD_REQUEST).value).inc()
@@ -132,7 +131,7 @@ def _caller() -> str:
 
 
 def model_ready(svc) -> bool:
-    return any(w.get("queue") == svc.settings.queue for w in streams.live_workers(svc.redis))
+    return bool(streams.live_workers(svc.redis, svc.settings.queue))
 
 
 @v1.get("/models")
@@ -207,14 +206,9 @@ def chat_completions():
         raise ApiError(status, exc.message, "rate_limit_error" if status == 429 else "server_error",
                        code=exc.code.value, retry_after=exc.retry_after) from None
     accepted = svc.store.accept_exchange(owner, messages, params)
-    try:
-        svc.queue.enqueue(accepted.request_id)
-    except (QueueUnavailable, redis.RedisError) as exc:
-        logger.error("Could not enqueue request %s: %s", accepted.request_id, exc)
-        svc.store.forget_request(accepted.request_id, drop_conversation=True)
+    if not svc.queue.submit(svc.store, accepted.request_id, drop_conversation=True):
         raise ApiError(503, "the queue is unavailable; nothing was stored, try again", "server_error",
-                       code="unavailable") from None
-    metrics.ACCEPTED.inc()
+                       code="unavailable")
     reply = Reply(svc, accepted.request_id, svc.settings.model_id, _gone_check())
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)

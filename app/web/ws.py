@@ -30,7 +30,6 @@ from app.storage import NotFound
 from app.web import metrics
 from app.web.errors import error_response
 from app.web.identity import Unauthorized, bearer_token, origin_allowed
-from app.web.queue import QueueUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +127,11 @@ class Connection:
         except NotFound:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such conversation") from None
         if accepted.created:
-            try:
-                self.svc.queue.enqueue(accepted.request_id)
-                # Counted after the push, which is what a worker waits for: the others on the queue.
-                depth = max(self.svc.queue.depth() - 1, 0)
-            except (QueueUnavailable, redis.RedisError) as exc:
-                logger.error("Could not enqueue request %s: %s", accepted.request_id, exc)
-                self.svc.store.forget_request(accepted.request_id, drop_conversation=frame.conversation_id is None)
-                raise ProtocolError(ErrorCode.UNAVAILABLE, UNAVAILABLE) from None
-            metrics.ACCEPTED.inc()
+            if not self.svc.queue.submit(self.svc.store, accepted.request_id,
+                                         drop_conversation=frame.conversation_id is None):
+                raise ProtocolError(ErrorCode.UNAVAILABLE, UNAVAILABLE)
+            # Counted after the push, which is what a worker waits for: the others on the queue.
+            depth = max(self.svc.queue.depth() - 1, 0)
         else:
             depth = self.svc.queue.depth()
         self.send(accepted_frame(accepted.request_id, accepted.conversation_id, accepted.user_message_id, depth))
