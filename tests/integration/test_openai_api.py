@@ -94,13 +94,9 @@ def test_streamed_and_whole_greedy_replies_are_the_same_text_stored_once_for_the
         roles = [r[0] for r in conn.execute("SELECT role FROM messages WHERE conversation_id = %s "
                                             "ORDER BY created_at", (conversation,))]
     assert roles == ["system", "user", "assistant"]
+    stack.pg.wait_replayed()  # history is read from the replica
     seen = requests.get(f"{stack.base_url}/api/conversations/{conversation}/messages", timeout=10,
                         headers={"Authorization": f"Bearer {site_token(API_USER)}"})
-    deadline = time.monotonic() + 30
-    while seen.status_code == 404 and time.monotonic() < deadline:  # the replica replays it in a moment
-        time.sleep(0.2)
-        seen = requests.get(f"{stack.base_url}/api/conversations/{conversation}/messages", timeout=10,
-                            headers={"Authorization": f"Bearer {site_token(API_USER)}"})
     assert [m["role"] for m in seen.json()["messages"]] == roles
 
 
