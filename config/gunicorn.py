@@ -7,14 +7,15 @@ import tempfile
 
 from config.heap import freeze_heap
 from config.logging import RedactFilter
-from config.settings import Settings
+from config.settings import Settings, listen_addresses
 
 _settings = Settings()
 
 # Headroom over the socket limit for plain HTTP (health checks, history, metrics) and refused handshakes.
 HTTP_HEADROOM = 1000
 
-bind = f"{_settings.host}:{_settings.web_port}"
+bind = [f"[{a}]:{_settings.web_port}" if ":" in a else f"{a}:{_settings.web_port}"
+        for a in listen_addresses(_settings.resolved_bind)]
 # Each open WebSocket holds a greenlet (and simple-websocket's reader greenlet), not a thread: one process holds
 # thousands. The app refuses handshakes past CHAT_MAX_SOCKETS itself (503), so gunicorn's own limit, which
 # would leave connections waiting unanswered, is never the one reached.

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote
 from typing import Literal
 
 from pydantic import AliasChoices, Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = ROOT / "data" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODELS_DIR = ROOT / "data" / "models"
+DEFAULT_MODEL_DIR = DEFAULT_MODELS_DIR / DEFAULT_MODEL
+# A model folder declares the name it is served under (its queue, its id in the OpenAI API) in this file.
+MODEL_DECLARATION = "chatqueue.json"
 # Signs session cookies; accepted only while the servers listen on loopback.
 DEFAULT_SECRET_KEY = "change-me-in-production"
 
@@ -22,23 +29,29 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAT_", env_file=None, extra="ignore", frozen=True,
                                       populate_by_name=True)
 
-    # Where things live and listen (``make run`` starts these servers on loopback).
+    # Where things live and listen. ``host`` is the address clients dial; the local servers (web, Flower, and
+    # under ``make run`` Redis and PostgreSQL) listen on ``bind`` (empty: ``host``), e.g. 0.0.0.0 for all.
     data_dir: Path = ROOT / "data"
     host: str = "127.0.0.1"
+    bind: str = ""
     web_port: int = 8000
     flower_port: int = 5555
     redis_port: int = 6390
     primary_port: int = 5440
     replica_port: int = 5441
 
-    # Backing services. Empty means "the local ones on the ports above".
+    # Backing services. Empty means "the local ones on the ports above", with these passwords (none: they
+    # take connections from this machine only).
     broker_url: str = ""
     redis_url: str = ""
     database_url: str = ""
     replica_url: str = ""
+    redis_password: str = ""
+    db_password: str = ""
 
-    # The model and how a worker runs it.
-    model: str = str(DEFAULT_MODEL_DIR)
+    # The model: a name (its folder in ``models_dir``) or a folder. Its queue is the name the folder declares.
+    model: str = DEFAULT_MODEL
+    models_dir: Path = DEFAULT_MODELS_DIR
     model_queue: str = ""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
@@ -121,30 +134,40 @@ class Settings(BaseSettings):
 
     @computed_field
     @property
+    def resolved_bind(self) -> str:
+        return self.bind or self.host
+
+    @computed_field
+    @property
     def resolved_redis_url(self) -> str:
         """Token streams, heartbeats: where set, else the broker's Redis, else the local one."""
         if self.redis_url:
             return self.redis_url
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
             return self.broker_url
-        return f"redis://{self.host}:{self.redis_port}/0"
+        return self._local_redis()
 
     @computed_field
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+        return self.broker_url or self.redis_url or self._local_redis()
 
     @computed_field
     @property
     def resolved_database_url(self) -> str:
         # Both local servers, the primary first: libpq takes the first that accepts writes, so a promoted
         # replica is found without a restart.
-        return self.database_url or _local_pg(self.host, [self.primary_port, self.replica_port], "read-write")
+        return self.database_url or _local_pg(self.host, [self.primary_port, self.replica_port], self.db_password,
+                                              "read-write")
 
     @computed_field
     @property
     def resolved_replica_url(self) -> str:
-        return self.replica_url or _local_pg(self.host, [self.replica_port])
+        return self.replica_url or _local_pg(self.host, [self.replica_port], self.db_password)
+
+    def _local_redis(self) -> str:
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.host}:{self.redis_port}/0"
 
     @computed_field
     @property
@@ -156,6 +179,22 @@ class Settings(BaseSettings):
 
     @computed_field
     @property
+    def model_dir(self) -> Path:
+        """The folder a worker loads: ``model`` itself where it is a path, else its folder in ``models_dir``."""
+        return Path(self.model).expanduser() if model_is_path(self.model) else self.models_dir / self.model
+
+    @computed_field
+    @property
+    def model_name(self) -> str:
+        """The name the model is served under: the one its folder declares, else ``model`` where that is a name
+        (a web host has no model folder), else the folder's name."""
+        declared = declared_model_name(str(self.model_dir))
+        if declared:
+            return declared
+        return Path(self.model.rstrip("/")).name if model_is_path(self.model) else self.model
+
+    @computed_field
+    @property
     def model_id(self) -> str:
         """The model's name in the OpenAI API (``GET /v1/models``): its queue's, without ``gen.``."""
         return self.queue.removeprefix("gen.")
@@ -163,11 +202,32 @@ class Settings(BaseSettings):
     @computed_field
     @property
     def queue(self) -> str:
-        """The Celery queue of this model: ``gen.<model>``; workers and web agree on it."""
+        """The Celery queue of this model: ``gen.<model name>``; workers and web agree on it."""
         if self.model_queue:
             return self.model_queue
-        name = Path(self.model.rstrip("/")).name or self.model
-        return "gen." + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        return "gen." + re.sub(r"[^a-z0-9]+", "-", self.model_name.lower()).strip("-")
+
+
+def listen_addresses(bind: str) -> list[str]:
+    """Where a local server listens: ``bind``, and loopback too (this machine's own tools and checks dial it)."""
+    if bind in ("", "localhost"):
+        return ["127.0.0.1"]
+    return [bind] if on_loopback(bind) or bind in ("0.0.0.0", "::", "*") else ["127.0.0.1", bind]
+
+
+def model_is_path(model: str) -> bool:
+    """``CHAT_MODEL`` names a folder (``/models/x``, ``./x``, ``~/x``) rather than a model."""
+    return "/" in model or model.startswith((".", "~"))
+
+
+@lru_cache(maxsize=16)
+def declared_model_name(folder: str) -> str | None:
+    """The name ``folder`` declares in its :data:`MODEL_DECLARATION` (written by ``workers.fetch_model``)."""
+    try:
+        name = json.loads((Path(folder) / MODEL_DECLARATION).read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name.strip() else None
 
 
 def on_loopback(host: str) -> bool:
@@ -180,9 +240,10 @@ def on_loopback(host: str) -> bool:
         return False
 
 
-def _local_pg(host: str, ports: list[int], session_attrs: str | None = None) -> str:
+def _local_pg(host: str, ports: list[int], password: str, session_attrs: str | None = None) -> str:
     """The SQLAlchemy URL of the local servers on ``ports``, tried in turn (libpq's multi-host form)."""
+    user = f"chat:{quote(password, safe='')}" if password else "chat"
     if len(ports) == 1 and session_attrs is None:
-        return f"postgresql+psycopg://chat@{host}:{ports[0]}/chat"
+        return f"postgresql+psycopg://{user}@{host}:{ports[0]}/chat"
     hosts = "&".join(f"host={host}:{port}" for port in ports)
-    return f"postgresql+psycopg://chat@/chat?{hosts}" + (f"&target_session_attrs={session_attrs}" if session_attrs else "")
+    return f"postgresql+psycopg://{user}@/chat?{hosts}" + (f"&target_session_attrs={session_attrs}" if session_attrs else "")

@@ -7,6 +7,7 @@ server that exits is started again, as an orchestrator's restart policy would.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from app.storage import Store
 from app.web.identity import owner_of
 from config.logging import configure_logging
-from config.settings import Settings
+from config.settings import DEFAULT_SECRET_KEY, Settings, on_loopback
 from scripts.services import PostgresPair, SetupError, migrate, start_flower, start_launcher, start_redis, start_web
 from workers.launch import STABLE_AFTER_S, restart_delay, visible_gpus
 from workers.preflight import EX_CONFIG
@@ -85,6 +86,29 @@ def local_api_key(settings: Settings, path: Path) -> str:
     return key
 
 
+def reachable_settings(settings: Settings, path: Path) -> Settings:
+    """Where the servers listen beyond this machine, none of them goes without a password, nor the web tier with
+    the published key: the ones not set are made up once and kept in ``path`` (readable by its owner only)."""
+    if on_loopback(settings.resolved_bind):
+        return settings
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    update = {}
+    for name in ("redis_password", "db_password", "secret_key"):
+        unset = not getattr(settings, name) or (name == "secret_key" and settings.secret_key == DEFAULT_SECRET_KEY)
+        if unset:
+            update[name] = kept.setdefault(name, secrets.token_urlsafe(24))
+    if update:
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(kept) + "\n")
+    return settings.model_copy(update=update)
+
+
+def join_settings(settings: Settings) -> str:
+    """What a worker host on another machine sets to join this stack (``CHAT_HOST`` is the address it dials)."""
+    return (f"CHAT_BROKER_URL={settings.resolved_broker_url} CHAT_DATABASE_URL='{settings.resolved_database_url}' "
+            f"CHAT_REPLICA_URL={settings.resolved_replica_url} CHAT_MODEL={settings.model_name}")
+
+
 def main() -> int:
     settings = Settings()
     if not settings.flower_basic_auth:  # Flower shows every task: never without a password
@@ -95,8 +119,10 @@ def main() -> int:
     data = settings.data_dir.resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    settings = reachable_settings(settings, data / "secrets.json")
     started: list[Supervised] = []
-    pg = PostgresPair(data / "pg", settings.primary_port, settings.replica_port)
+    pg = PostgresPair(data / "pg", settings.primary_port, settings.replica_port, bind=settings.resolved_bind,
+                      password=settings.db_password)
 
     def stop_all(*_):
         raise KeyboardInterrupt
@@ -106,7 +132,8 @@ def main() -> int:
     try:
         pg.check_reachable()  # before anything starts
         logger.info("Starting Redis on port %d", settings.redis_port)
-        started.append(Supervised("Redis", lambda: start_redis(settings.redis_port, data / "redis", logs)))
+        started.append(Supervised("Redis", lambda: start_redis(settings.redis_port, data / "redis", logs,
+                                                               settings.resolved_bind, settings.redis_password)))
         logger.info("Starting PostgreSQL primary on %d and replica on %d", settings.primary_port,
                     settings.replica_port)
         pg.start()
@@ -115,7 +142,7 @@ def main() -> int:
         api_key = local_api_key(settings, data / "api-key")
         gpus = visible_gpus(settings.gpus)
         count = len(gpus) or settings.cpu_workers
-        logger.info("Starting %d worker(s) on queue %s (loading %s)", count, settings.queue, settings.model)
+        logger.info("Starting %d worker(s) on queue %s (loading %s)", count, settings.queue, settings.model_dir)
         started.append(Supervised("the workers' launcher", lambda: start_launcher(settings, logs, count)))
         logger.info("Starting the web server")
         started.append(Supervised("the web server", lambda: start_web(settings, logs)))
@@ -126,7 +153,12 @@ def main() -> int:
               f"\n  API key:   {api_key}"
               f"\n  Flower:    http://{settings.host}:{settings.flower_port}/ (basic auth "
               f"{settings.flower_basic_auth})"
-              f"\n  Logs:      {logs}/\n\n  Press Ctrl-C to stop.\n", flush=True)
+              f"\n  Logs:      {logs}/", flush=True)
+        if not on_loopback(settings.resolved_bind):
+            print(f"  Workers on other hosts join with:\n    {join_settings(settings)} python -m workers.launch"
+                  + ("\n    (set CHAT_HOST to this machine's address that they dial)" if on_loopback(settings.host)
+                     else ""), flush=True)
+        print("\n  Press Ctrl-C to stop.\n", flush=True)
         while True:
             for service in started:
                 service.check(time.monotonic())

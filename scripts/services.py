@@ -21,9 +21,11 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
+import redis
+from psycopg import sql
 
 from app import streams
-from config.settings import ROOT, Settings
+from config.settings import ROOT, Settings, listen_addresses
 from workers.launch import WorkerSpec, worker_argv
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class Process:
     """One child process in its own session, with its output in a log file or on our terminal."""
 
     def __init__(self, name: str, argv: list[str], env: dict | None = None, log_dir: Path | None = None,
-                 cwd: Path = ROOT, stop_timeout: float = 20):
+                 cwd: Path = ROOT, stop_timeout: float = 20, stdin_text: str | None = None):
         self.name = name
         self.stop_timeout = stop_timeout  # how long :meth:`stop` waits after its signal before SIGKILL
         self.log_path = log_dir / f"{name}.log" if log_dir else None
@@ -73,7 +75,11 @@ class Process:
         out = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") \
             if self.log_path else None
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL if stdin_text is None else subprocess.PIPE,
+                                     start_new_session=True)
+        if stdin_text is not None:
+            self.proc.stdin.write(stdin_text.encode())
+            self.proc.stdin.close()
         if out:
             out.close()
 
@@ -105,16 +111,23 @@ class Process:
 
 # --- Redis -------------------------------------------------------------------
 
-def start_redis(port: int, data_dir: Path, log_dir: Path | None) -> Process:
+def start_redis(port: int, data_dir: Path, log_dir: Path | None, bind: str = "127.0.0.1",
+                password: str = "") -> Process:
+    """Redis with its append-only file; a password is required where one is given (from any address)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
-    proc = Process("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-                             "--daemonize", "no", "--save", "", "--appendonly", "yes"], log_dir=log_dir)
+    argv = [server, "--port", str(port), "--bind", *listen_addresses(bind), "--dir", str(data_dir),
+            "--daemonize", "no", "--save", "", "--appendonly", "yes"]
+    if password:  # read from a config file on stdin, not the command line that any user's `ps` shows
+        argv.insert(1, "-")
+    proc = Process("redis", argv, log_dir=log_dir, stdin_text=f"requirepass {password}\n" if password else None)
 
     def ping() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+        client = redis.Redis(host="127.0.0.1", port=port, password=password or None, socket_connect_timeout=0.5)
+        try:
+            return client.ping()
+        finally:
+            client.close()
 
     wait_until(ping, 15, "redis", proc.proc)
     return proc
@@ -142,18 +155,26 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-def _pg_run(argv: list[str]) -> None:
+def _pg_run(argv: list[str], env: dict | None = None) -> None:
     result = subprocess.run(_as_postgres(argv), capture_output=True, text=True, cwd="/",
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} failed ({result.returncode}): {result.stderr.strip()}")
 
 
 class PostgresPair:
-    """A primary and a streaming replica made with ``pg_basebackup -R``."""
+    """A primary and a streaming replica made with ``pg_basebackup -R``.
 
-    def __init__(self, root: Path, primary_port: int, replica_port: int, durable: bool = True):
+    They listen on loopback and ``bind``. Without a password they take the ``chat`` user from loopback only;
+    with one, from any address (the replica too) with that password only (SCRAM)."""
+
+    def __init__(self, root: Path, primary_port: int, replica_port: int, durable: bool = True,
+                 bind: str = "127.0.0.1", password: str = ""):
+        if not password and listen_addresses(bind) != ["127.0.0.1"]:
+            raise SetupError(f"PostgreSQL would listen on {bind} without a password: set CHAT_DB_PASSWORD")
         self.root = root
+        self.bind = bind
+        self.password = password
         self.primary_dir = root / "primary"
         self.replica_dir = root / "replica"
         self.primary_port = primary_port
@@ -161,8 +182,10 @@ class PostgresPair:
         self.durable = durable
         self.bin = pg_bin()
 
-    def url(self, port: int) -> str:
-        return f"postgresql+psycopg://chat@127.0.0.1:{port}/chat"
+    def connect(self, port: int, dbname: str = "chat", **kw) -> psycopg.Connection:
+        """A connection to the server on ``port`` over loopback, as clients make them."""
+        return psycopg.connect(host="127.0.0.1", port=port, user="chat", dbname=dbname,
+                               password=self.password or None, **kw)
 
     def check_reachable(self) -> None:
         """Started as root, PostgreSQL runs as the ``postgres`` user, who must be able to walk into the data
@@ -185,7 +208,9 @@ class PostgresPair:
             shutil.chown(self.root, "postgres", "postgres")
 
     def _conf(self, port: int) -> str:
-        lines = [f"port = {port}", "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.root}'",
+        lines = [f"port = {port}", f"listen_addresses = '{', '.join(listen_addresses(self.bind))}'",
+                 f"unix_socket_directories = '{self.root}'", "unix_socket_permissions = 0700",
+                 "password_encryption = 'scram-sha-256'",
                  "wal_level = replica", "max_wal_senders = 10", "hot_standby = on", "wal_keep_size = 256MB",
                  # No message text, nor who sent it, in the server's log: no statements or their values, and
                  # errors without the DETAIL line that repeats a row's values (a unique key's owner).
@@ -208,6 +233,34 @@ class PostgresPair:
                                 capture_output=True, cwd="/")
         return result.returncode == 0
 
+    def _hba(self, data: Path) -> None:
+        """Who may connect, written afresh at each start: it follows the password setting."""
+        if self.password:
+            lines = ["host all chat all scram-sha-256", "host replication chat all scram-sha-256"]
+        else:
+            lines = [f"host {db} chat {net} trust" for db in ("all", "replication") for net in ("127.0.0.1/32",
+                                                                                                  "::1/128")]
+        # The socket (in a folder only the server's user may use) is how a password is set in the first place.
+        (data / "pg_hba.conf").write_text("\n".join(["local all chat trust", "local replication chat trust",
+                                                     *lines]) + "\n")
+
+    def _conninfo(self) -> None:
+        """The replica's connection to the primary, with the password where there is one."""
+        auto = self.replica_dir / "postgresql.auto.conf"
+        if not (self.replica_dir / "standby.signal").exists() or not auto.exists():
+            return  # promoted: it follows no one
+        conninfo = f"user=chat host=127.0.0.1 port={self.primary_port}"
+        if self.password:
+            conninfo += " password='{}'".format(self.password.replace("\\", "\\\\").replace("'", "\\'"))
+        kept = [line for line in auto.read_text().splitlines() if not line.startswith("primary_conninfo")]
+        line = "primary_conninfo = '{}'".format(conninfo.replace("\\", "\\\\").replace("'", "''"))
+        auto.write_text("\n".join([*kept, line]) + "\n")
+
+    def _set_password(self) -> None:
+        with psycopg.connect(host=str(self.root), port=self.primary_port, user="chat", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE chat PASSWORD {}").format(sql.Literal(self.password or None)))
+
     def start(self) -> None:
         self._prepare_root()
         if not (self.primary_dir / "PG_VERSION").exists():
@@ -216,21 +269,34 @@ class PostgresPair:
                      "-E", "UTF8", "--no-sync"])
             with open(self.primary_dir / "postgresql.conf", "a") as f:
                 f.write(self._conf(self.primary_port))
+        self._as_owner(self._hba, self.primary_dir)
         if not self._running(self.primary_dir):
             self._ctl(self.primary_dir, "start")
-        with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="postgres",
-                             autocommit=True) as conn:
+        self._set_password()
+        with self.connect(self.primary_port, dbname="postgres", autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'chat'").fetchone():
                 conn.execute("CREATE DATABASE chat")
         if not (self.replica_dir / "PG_VERSION").exists():
             _pg_run([str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary_port),
-                     "-U", "chat", "-D", str(self.replica_dir), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"])
+                     "-U", "chat", "-D", str(self.replica_dir), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"],
+                    env={**os.environ, "PGPASSWORD": self.password} if self.password else None)
             # pg_basebackup copies the primary's port: the replica's own line comes last and wins.
             with open(self.replica_dir / "postgresql.conf", "a") as f:
                 f.write(self._conf(self.replica_port))
+        self._as_owner(self._hba, self.replica_dir)
+        self._as_owner(lambda _: self._conninfo(), self.replica_dir)
         if not self._running(self.replica_dir):
             self._ctl(self.replica_dir, "start")
         wait_until(self._replica_streaming, 30, "replica streaming")
+
+    @staticmethod
+    def _as_owner(write, data: Path) -> None:
+        """``write(data)``, leaving what it wrote owned by the server's user, as the rest of the folder is."""
+        write(data)
+        if os.geteuid() == 0:
+            for name in ("pg_hba.conf", "postgresql.auto.conf"):
+                if (data / name).exists():
+                    shutil.chown(data / name, "postgres", "postgres")
 
     def pid(self, which: str) -> int:
         """The process id of the ``primary``'s or the ``replica``'s postmaster."""
@@ -242,8 +308,7 @@ class PostgresPair:
         _pg_run([str(self.bin / "pg_ctl"), "-D", str(self.replica_dir), "-w", "-t", "60", "promote"])
 
     def _replica_streaming(self) -> bool:
-        with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat",
-                             connect_timeout=2) as conn:
+        with self.connect(self.replica_port, connect_timeout=2) as conn:
             return conn.execute("SELECT pg_is_in_recovery() AND status = 'streaming' "
                                 "FROM pg_stat_wal_receiver").fetchone() == (True,)
 
@@ -257,8 +322,7 @@ class PostgresPair:
 
     def wait_replayed(self, timeout: float = 10) -> None:
         """Wait until the replica has replayed everything the primary has written."""
-        with psycopg.connect(host="127.0.0.1", port=self.primary_port, user="chat", dbname="chat",
-                             autocommit=True) as conn:
+        with self.connect(self.primary_port, autocommit=True) as conn:
             lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
             # With synchronous_commit off, and for WAL written outside any commit (page
             # pruning during a read, say), records can wait in the primary's buffers
@@ -268,7 +332,7 @@ class PostgresPair:
                 conn.execute("SELECT pg_current_xact_id()")
 
         def replayed() -> bool:
-            with psycopg.connect(host="127.0.0.1", port=self.replica_port, user="chat", dbname="chat") as conn:
+            with self.connect(self.replica_port) as conn:
                 return conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]
 
         wait_until(replayed, timeout, "replica replay")
@@ -326,7 +390,7 @@ def start_flower(settings: Settings, log_dir: Path | None) -> Process:
     # The password in the environment, not on the command line, where any user's `ps` shows it.
     env = {**settings_env(settings), "FLOWER_BASIC_AUTH": settings.flower_basic_auth}
     argv = [sys.executable, "-m", "celery", "--broker", settings.resolved_broker_url, "flower",
-            f"--address={settings.host}", f"--port={settings.flower_port}"]
+            f"--address={settings.resolved_bind}", f"--port={settings.flower_port}"]
     proc = Process("flower", argv, env=env, log_dir=log_dir)
     url = f"http://{settings.host}:{settings.flower_port}/healthcheck"
     wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60, "flower", proc.proc)

@@ -55,7 +55,7 @@ class Stack:
     root: Path
     pg: PostgresPair
     redis: Process
-    worker: Process
+    worker: Process | None
     web: Process
     flower: Process
 
@@ -64,12 +64,10 @@ class Stack:
         return f"http://127.0.0.1:{self.settings.web_port}"
 
     def primary(self) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=self.pg.primary_port, user="chat", dbname="chat",
-                               autocommit=True)
+        return self.pg.connect(self.pg.primary_port, autocommit=True)
 
     def replica(self) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=self.pg.replica_port, user="chat", dbname="chat",
-                               autocommit=True)
+        return self.pg.connect(self.pg.replica_port, autocommit=True)
 
     def count(self, table: str) -> int:
         with self.primary() as conn:
@@ -91,32 +89,44 @@ def make_settings(root: Path, **overrides) -> Settings:
     return Settings(**values)
 
 
+@contextmanager
+def running_stack(root: Path, settings: Settings, worker: bool = True):
+    """Redis, the PostgreSQL pair (migrated), a worker (unless ``worker`` is False: hosts of their own join it),
+    gunicorn and Flower, with the data in ``root``; stopped after."""
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    started: list[Process] = []
+    pg = PostgresPair(root / "pg", settings.primary_port, settings.replica_port, durable=False,
+                      bind=settings.resolved_bind, password=settings.db_password)
+    try:
+        started.append(start_redis(settings.redis_port, root / "redis", logs, settings.resolved_bind,
+                                   settings.redis_password))
+        pg.start()
+        migrate(settings.resolved_database_url)
+        started.append(start_worker(settings, "cpu0@%h", logs) if worker else None)
+        started.append(start_web(settings, logs))
+        started.append(start_flower(settings, logs))
+        yield Stack(settings, root, pg, *started)
+    except BaseException:
+        for proc in filter(None, started):
+            print(f"--- {proc.name} log ---\n{proc.tail()}")
+        raise
+    finally:
+        for proc in reversed(started):
+            if proc is not None:
+                proc.stop()
+        pg.stop()
+
+
 @pytest.fixture(scope="session")
 def stack():
     # Not under pytest's own tmp folder: PostgreSQL runs as another user and must reach it.
     root = Path(tempfile.mkdtemp(prefix="chat-test-"))
     os.chmod(root, 0o755)
-    logs = root / "logs"
-    logs.mkdir()
-    settings = make_settings(root)
-    started: list[Process] = []
-    pg = PostgresPair(root / "pg", settings.primary_port, settings.replica_port, durable=False)
     try:
-        started.append(start_redis(settings.redis_port, root / "redis", logs))
-        pg.start()
-        migrate(settings.resolved_database_url)
-        started.append(start_worker(settings, "cpu0@%h", logs))
-        started.append(start_web(settings, logs))
-        started.append(start_flower(settings, logs))
-        yield Stack(settings, root, pg, *started)
-    except BaseException:
-        for proc in started:
-            print(f"--- {proc.name} log ---\n{proc.tail()}")
-        raise
+        with running_stack(root, make_settings(root)) as started:
+            yield started
     finally:
-        for proc in reversed(started):
-            proc.stop()
-        pg.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -53,7 +53,7 @@ def _start(sender=None, **_):
     from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
 
     def load():  # on the engine's own thread: the one that runs the model
-        return load_model(settings.model, settings.device, settings.dtype, settings.torch_threads,
+        return load_model(str(settings.model_dir), settings.device, settings.dtype, settings.torch_threads,
                           settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
     redis_client = streams.connect(settings.resolved_redis_url)
@@ -79,10 +79,10 @@ def _start(sender=None, **_):
         engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens,
         metrics_model=settings.model_id if settings.metrics else None)
     if settings.metrics and settings.worker_metrics_port:
-        metrics.serve(settings.worker_metrics_port, settings.host)
+        metrics.serve(settings.worker_metrics_port, settings.resolved_bind)
     logger.info("%d long-lived objects taken out of full garbage collections", freeze_heap())
     name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
-    info = {"name": name, "queue": settings.queue, "model": settings.model, "device": str(loaded.device),
+    info = {"name": name, "queue": settings.queue, "model": settings.model_name, "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
             "engine": settings.engine, "pid": os.getpid(), "since": time.time()}
     stop = threading.Event()

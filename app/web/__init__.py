@@ -45,9 +45,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_json)
-    if settings.secret_key == DEFAULT_SECRET_KEY and not on_loopback(settings.host):
+    if settings.secret_key == DEFAULT_SECRET_KEY and not on_loopback(settings.resolved_bind):
         raise RuntimeError(f"CHAT_SECRET_KEY is the published default, and the web tier would listen on "
-                           f"{settings.host}: anyone could sign a guest token. Set CHAT_SECRET_KEY to a long "
+                           f"{settings.resolved_bind}: anyone could sign a guest token. Set CHAT_SECRET_KEY to a long "
                            f"random value (python -c 'import secrets; print(secrets.token_urlsafe(48))').")
     app = Flask(__name__)
     if settings.proxy_hops:

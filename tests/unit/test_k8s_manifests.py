@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from config.settings import ROOT
+from config.settings import ROOT, Settings
 
 K8S = ROOT / "docker" / "k8s"
 KUBERNETES_VERSION = "1.30"
@@ -60,7 +60,8 @@ def test_the_pieces_agree():
     worker = one("Deployment", "chatqueue-worker")["spec"]["template"]["spec"]
     scaled = one("ScaledObject", "chatqueue-worker")["spec"]
     # KEDA watches the list the workers read and the web tier fills.
-    assert scaled["triggers"][0]["metadata"]["listName"] == config["CHAT_MODEL_QUEUE"]
+    queue = Settings(model=config["CHAT_MODEL"], models_dir=config["CHAT_MODELS_DIR"]).queue
+    assert scaled["triggers"][0]["metadata"]["listName"] == queue
     assert scaled["scaleTargetRef"]["name"] == "chatqueue-worker" and scaled["minReplicaCount"] == 0
     auth = one("TriggerAuthentication", scaled["triggers"][0]["authenticationRef"]["name"])["spec"]
     assert all(ref["key"] in secret for ref in auth["secretTargetRef"])
@@ -70,3 +71,8 @@ def test_the_pieces_agree():
     [container] = worker["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["terminationGracePeriodSeconds"] >= float(env_of(container)["CHAT_WORKER_DRAIN_S"]) + 30
+    # Every CHAT_ variable the manifests set is a setting (a misspelt one would be ignored without a word).
+    names = {*config, *secret, *(n for pod in (web, worker) for c in [*pod["containers"], *pod.get("initContainers", [])]
+                                 for n in env_of(c))}
+    unknown = {n for n in names if n.startswith("CHAT_") and n.removeprefix("CHAT_").lower() not in Settings.model_fields}
+    assert not unknown

@@ -46,3 +46,21 @@ def test_make_run_says_how_to_fix_it_without_a_traceback_and_starts_nothing(clos
     assert "chmod o+x" in output and "CHAT_DATA_DIR=" in output
     assert "Traceback" not in output and "Starting Redis" not in output
     assert not (data / "pg").exists() and not (data / "redis").exists()
+
+
+def test_off_loopback_make_run_makes_up_passwords_once_and_keeps_them(tmp_path):
+    from config.settings import DEFAULT_SECRET_KEY, Settings
+    from scripts.run import join_settings, reachable_settings
+
+    local = Settings()
+    assert reachable_settings(local, tmp_path / "secrets.json") is local  # loopback: nothing to hide
+    assert not (tmp_path / "secrets.json").exists()
+    reachable = Settings(host="10.0.0.5", bind="0.0.0.0", redis_password="given")
+    first = reachable_settings(reachable, tmp_path / "secrets.json")
+    assert first.redis_password == "given" and first.db_password and first.secret_key != DEFAULT_SECRET_KEY
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
+    again = reachable_settings(reachable, tmp_path / "secrets.json")
+    assert (again.db_password, again.secret_key) == (first.db_password, first.secret_key)
+    line = join_settings(first)
+    assert f"redis://:given@10.0.0.5:{first.redis_port}/0" in line and first.db_password in line
+    assert "CHAT_MODEL=SmolLM2-135M-Instruct" in line
