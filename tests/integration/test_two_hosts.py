@@ -8,22 +8,18 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 
 from app import streams
-from config.settings import DEFAULT_MODEL, DEFAULT_MODEL_DIR, Settings
+from config.settings import DEFAULT_MODEL, Settings
+from scripts.hosts import Host, Network, join_env
 from tests.conftest import Client, make_settings, running_stack
 from workers.preflight import EX_CONFIG
 
@@ -33,50 +29,18 @@ STORY = "Tell me a long story about a lighthouse keeper and a storm."
 REPLY_TOKENS = 40  # at least 32 asked of each chat
 
 
-def ip(*argv: str) -> None:
-    result = subprocess.run(["ip", *argv], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(argv)}: {result.stderr.strip()}")
-
-
-@dataclass
-class Network:
-    server: str  # the stack's address on the bridge
-    namespaces: list[str]
-
-
 @pytest.fixture(scope="module")
 def network():
     """A bridge with the stack's address, and two namespaces on it, each a host with an address of its own."""
-    tag = secrets.token_hex(2)
-    prefix = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
-    bridge, namespaces = f"cqbr{tag}", [f"cq{tag}h{i}" for i in (1, 2)]
-    made: list[tuple[str, str]] = []
     try:
-        ip("link", "add", bridge, "type", "bridge")
-        made.append(("link", bridge))
-        ip("addr", "add", f"{prefix}.1/24", "dev", bridge)
-        ip("link", "set", bridge, "up")
-        for i, ns in enumerate(namespaces, start=2):
-            ip("netns", "add", ns)
-            made.append(("netns", ns))
-            outside, inside = f"cqv{tag}{i}", f"cqn{tag}{i}"
-            ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            ip("link", "set", inside, "netns", ns)
-            ip("link", "set", outside, "master", bridge, "up")
-            ip("-n", ns, "addr", "add", f"{prefix}.{i}/24", "dev", inside)
-            ip("-n", ns, "link", "set", inside, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+        net = Network(2)
     except (RuntimeError, FileNotFoundError) as exc:
-        for kind, name in reversed(made):
-            subprocess.run(["ip", kind, "del", name], capture_output=True)
         pytest.fail(f"this test makes its hosts in network namespaces (as root, with iproute2): {exc}")
-    print(f"\nstack on {prefix}.1; hosts {', '.join(f'{ns} at {prefix}.{i}' for i, ns in enumerate(namespaces, 2))}")
+    print(f"\nstack on {net.server}; hosts {', '.join(f'{n} at {a}' for n, a in zip(net.namespaces, net.addresses))}")
     try:
-        yield Network(f"{prefix}.1", namespaces)
+        yield net
     finally:
-        for kind, name in reversed(made):  # a namespace's veth goes with it
-            subprocess.run(["ip", kind, "del", name], capture_output=True)
+        net.remove()
 
 
 @pytest.fixture(scope="module")
@@ -91,57 +55,6 @@ def remote_stack(network):
             yield stack
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def join_env(stack, **overrides: str) -> dict[str, str]:
-    """What a worker host is told: where the broker and the databases are, and the model's name."""
-    s = stack.settings
-    return {"CHAT_BROKER_URL": s.resolved_broker_url, "CHAT_DATABASE_URL": s.resolved_database_url,
-            "CHAT_REPLICA_URL": s.resolved_replica_url, "CHAT_MODEL": DEFAULT_MODEL, **overrides}
-
-
-class Host:
-    """A worker host: ``python -m workers.launch`` in a network namespace, with a hostname and a process tree of
-    its own (a PID namespace: killing its first process kills every process of the host, as a lost machine)."""
-
-    def __init__(self, root: Path, name: str, ns: str, env: dict[str, str], model: str | None = DEFAULT_MODEL):
-        """The host's folders, with a copy of the model named ``model`` (None: no model)."""
-        self.name, self.ns, self.folder = name, ns, root / name
-        for sub in ("home", "tmp", "data", "models"):
-            (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        if model:
-            shutil.copytree(DEFAULT_MODEL_DIR, self.folder / "models" / model)
-        self.env = {"PATH": os.environ["PATH"], "HOME": str(self.folder / "home"), "TMPDIR": str(self.folder / "tmp"),
-                    "CHAT_DATA_DIR": str(self.folder / "data"), "CHAT_MODELS_DIR": str(self.folder / "models"),
-                    **env}
-        self.log = self.folder / "host.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Host:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["unshare", "--uts", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc",
-                 "sh", "-c", 'hostname "$0" && exec ip netns exec "$1" "$2" -m workers.launch',
-                 self.name, self.ns, sys.executable],
-                env=self.env, cwd=self.folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL to the host's process group: its first process dies, and with it every process of the host."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:]) if self.log.exists() else ""
 
 
 def live_hosts(stack) -> set[str]:
@@ -187,7 +100,7 @@ def stored_once(stack, results: list) -> None:
 @pytest.fixture(scope="module")
 def hosts(remote_stack, network):
     root = remote_stack.root / "hosts"
-    started = [Host(root, f"cq-host-{i}", ns, join_env(remote_stack)).start()
+    started = [Host(root, f"cq-host-{i}", ns, join_env(remote_stack.settings)).start()
                for i, ns in enumerate(network.namespaces, 1)]
     began = time.monotonic()
     try:
@@ -258,7 +171,7 @@ def test_a_host_with_a_bad_join_setting_says_which_and_stops(remote_stack, netwo
         "model declares another name": ({"CHAT_MODEL": "a-copy"}, "a-copy", "declares the name"),
     }[case]
     host = Host(remote_stack.root / "bad", f"cq-bad-{secrets.token_hex(2)}", network.namespaces[0],
-                join_env(remote_stack, **{"CHAT_JOIN_TIMEOUT_S": "3", **env}), model=model).start()
+                join_env(remote_stack.settings, **{"CHAT_JOIN_TIMEOUT_S": "3", **env}), model=model).start()
     started = time.monotonic()
     try:
         code = host.proc.wait(90)
