@@ -11,11 +11,9 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from scripts.services import (
     PostgresPair,
     free_port,
     migrate,
+    scratch_folder,
     settings_env,
     start_launcher,
     start_redis,
@@ -491,12 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="half the requests per load")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
-    root = Path(tempfile.mkdtemp(prefix="chat-bench-"))
-    os.chmod(root, 0o755)
-    try:
+    with scratch_folder("chat-bench-") as root:
         out = Bench(root, args.quick).run()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(out, indent=2))
     plot(out, args.out / "benchmarks.png")

@@ -19,10 +19,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -36,7 +34,7 @@ from config.settings import DEFAULT_MODEL, ROOT, Settings
 from scripts import loadgen
 from scripts.hosts import Host, Network, join_env
 from scripts.plan import Capacity, plan, predict, report
-from scripts.services import PostgresPair, free_port, migrate, start_redis, start_web
+from scripts.services import PostgresPair, free_port, migrate, scratch_folder, start_redis, start_web
 from workers.cpu import describe
 
 logger = logging.getLogger("scale")
@@ -286,12 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="half the requests per load")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
-    root = Path(tempfile.mkdtemp(prefix="chat-scale-"))
-    os.chmod(root, 0o755)
-    try:
+    with scratch_folder("chat-scale-") as root:
         out = Scale(root, args.quick).run()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     path = args.out / "benchmarks.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update({"capacity": out["capacity"], "hosts": {**out["hosts"], "cpu": out["cpu"], "when": out["when"]}})

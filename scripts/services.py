@@ -16,8 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -29,6 +32,17 @@ from config.settings import ROOT, Settings, listen_addresses
 from workers.launch import WorkerSpec, worker_argv
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A temporary folder the postgres user can reach (not under a closed home or pytest's tmp), removed after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -5,9 +5,6 @@ ports in a temporary folder. Each test talks as a fresh guest."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +25,7 @@ from scripts.services import (
     Process,
     free_port,
     migrate,
+    scratch_folder,
     start_flower,
     start_redis,
     start_web,
@@ -120,14 +118,8 @@ def running_stack(root: Path, settings: Settings, worker: bool = True):
 
 @pytest.fixture(scope="session")
 def stack():
-    # Not under pytest's own tmp folder: PostgreSQL runs as another user and must reach it.
-    root = Path(tempfile.mkdtemp(prefix="chat-test-"))
-    os.chmod(root, 0o755)
-    try:
-        with running_stack(root, make_settings(root)) as started:
-            yield started
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with scratch_folder("chat-test-") as root, running_stack(root, make_settings(root)) as started:
+        yield started
 
 
 # The embedding site of the tests: it signs its users' tokens with this shared secret.

@@ -5,14 +5,10 @@ finish on the other, stored once; a host with a bad join setting says which, and
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -20,6 +16,7 @@ import requests
 from app import streams
 from config.settings import DEFAULT_MODEL, Settings
 from scripts.hosts import Host, Network, join_env
+from scripts.services import scratch_folder
 from tests.conftest import Client, make_settings, running_stack
 from workers.preflight import EX_CONFIG
 
@@ -46,15 +43,11 @@ def network():
 @pytest.fixture(scope="module")
 def remote_stack(network):
     """The stack, listening on the bridge (and loopback) with passwords, and no worker of its own."""
-    root = Path(tempfile.mkdtemp(prefix="chat-hosts-"))
-    os.chmod(root, 0o755)
-    settings = make_settings(root, host=network.server, redis_password=secrets.token_urlsafe(16),
-                             db_password=secrets.token_urlsafe(16), model=DEFAULT_MODEL, max_new_tokens_cap=64)
-    try:
+    with scratch_folder("chat-hosts-") as root:
+        settings = make_settings(root, host=network.server, redis_password=secrets.token_urlsafe(16),
+                                 db_password=secrets.token_urlsafe(16), model=DEFAULT_MODEL, max_new_tokens_cap=64)
         with running_stack(root, settings, worker=False) as stack:
             yield stack
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def live_hosts(stack) -> set[str]:
