@@ -116,9 +116,10 @@ def _one_sse(http: requests.Session, url: str, model: str, prompt: str, max_new_
 
 
 def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "",
-                api: str = "ws") -> Run:
+                api: str = "ws", stagger_s: float = 0) -> Run:
     """``concurrency`` chats, each sending its next request when the last is done: over the WebSocket
-    (``api="ws"``) or streamed through the OpenAI-compatible API (``api="v1"``)."""
+    (``api="ws"``) or streamed through the OpenAI-compatible API (``api="v1"``). ``stagger_s``: the i-th chat
+    starts i times this late, so that replies of one length do not start and end together in waves."""
     token = guest_token(base_url)
     samples: list[Sample] = []
     lock = threading.Lock()
@@ -128,7 +129,8 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
         models = requests.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         model = models.json()["data"][0]["id"]
 
-    def client() -> None:
+    def client(i: int) -> None:
+        time.sleep(i * stagger_s)
         if api == "v1":
             http = requests.Session()
             http.headers["Authorization"] = f"Bearer {token}"
@@ -149,7 +151,7 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
             close()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -159,15 +161,22 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
 
 
 def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:
-    """Open loop: ``total`` requests arriving at ``rate`` per second on average, each on its own socket."""
+    """Open loop: ``total`` requests arriving at ``rate`` per second on average, each on a socket of its own
+    opened as it arrives (times run from its chat frame, not the handshake; a socket opened long before it is
+    used would not answer the server's pings, and be closed)."""
     token = guest_token(base_url)
     rng = random.Random(seed)
     samples: list[Sample] = []
     lock = threading.Lock()
-    sockets = [connect(base_url, token) for _ in range(total)]  # opened up front: arrivals time only the chat
 
     def request(i: int) -> None:
-        s = _one(sockets[i], PROMPTS[i % len(PROMPTS)], max_new_tokens)
+        try:
+            ws = connect(base_url, token)
+        except Exception as exc:
+            s = Sample(sent=time.perf_counter(), error=type(exc).__name__)
+        else:
+            s = _one(ws, PROMPTS[i % len(PROMPTS)], max_new_tokens)
+            ws.close()
         with lock:
             samples.append(s)
 
@@ -180,8 +189,6 @@ def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: i
         time.sleep(rng.expovariate(rate))
     for t in threads:
         t.join(900)
-    for ws in sockets:
-        ws.close()
     return Run(label, f"{rate:g} req/s", samples, time.perf_counter() - started)
 
 

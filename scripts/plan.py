@@ -2,13 +2,16 @@
 
 It reads what one worker was measured to do (the ``capacity`` that ``make bench`` writes into
 docs/benchmarks.json): its slots (``CHAT_MAX_BATCH``: requests it decodes together), how fast each row decodes
-when every slot is busy, its first token and the dispatch time from acceptance to a worker at idle. A reply of N
-tokens then holds a slot for S = first token + (N - 1) / row speed seconds.
+with every slot busy and with half of them, its first token and the dispatch time from acceptance to a worker
+that has a slot free. A reply of N tokens holds a slot for S(m) = first token + (N - 1) x step(m) seconds, where the time of a
+decoding step grows with the rows m being decoded (a straight line through the two measured points).
 
-- Little's law (L = lambda W): at R chats/s, R x S slots are busy on average.
-- Erlang C (M/M/c, with c = workers x slots): the chance that a chat finds every slot busy, and its mean wait,
-  C / (c/S - R); scaled by (1 + cv^2) / 2 for the service times' spread (Allen-Cunneen: replies of one
-  length wait about half what exponential ones would), plus the dispatch time.
+- Little's law (L = lambda W): at R chats/s, the busy slots and the chats waiting.
+- Erlang C: the queue of c = workers x slots servers, as a birth-death chain whose service rate at n chats is
+  min(n, c) / S(rows per worker) (with one speed for every m this is exactly M/M/c, Erlang C's model): the chance
+  that a chat finds every slot busy, and its mean wait, Lq / R; scaled by (1 + cv^2) / 2 for the spread of the
+  service times (Allen-Cunneen: replies of one length wait about half what exponential ones would), plus the
+  dispatch time.
 - Workers needed: the fewest that keep utilization under ``--max-utilization`` and, with ``--ttft-p99``, the
   99th percentile of the wait plus the first token under it.
 - KEDA's ``listLength``: the queue per worker that its slots drain within the wait budget (the TTFT target less
@@ -24,6 +27,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from config.settings import ROOT
 
 BENCHMARKS = ROOT / "docs" / "benchmarks.json"
@@ -37,9 +42,10 @@ class Capacity:
     row_tokens_per_s: float  # each row's decoding speed with every slot busy
     first_token_s: float  # from a worker taking a request to its first token, slots busy (median)
     first_token_p99_s: float
-    dispatch_s: float  # from acceptance to a worker starting on it, at idle (mean)
+    dispatch_s: float  # from acceptance to a worker starting on it, with a slot free (mean)
     service_cv2: float  # squared coefficient of variation of the time a reply holds its slot
     measured: str = ""  # on what, when
+    half_row_tokens_per_s: float = 0.0  # each row's speed with half the slots busy (0: as with all busy)
 
     @classmethod
     def load(cls, path: Path = BENCHMARKS) -> Capacity:
@@ -49,9 +55,17 @@ class Capacity:
             raise SystemExit(f"no measured capacity in {path} ({exc}): run `make bench` first") from None
         return cls(**{k: found[k] for k in cls.__dataclass_fields__ if k in found})
 
-    def service_s(self, reply_tokens: float) -> float:
-        """How long a reply of ``reply_tokens`` holds a slot."""
-        return self.first_token_s + max(0.0, reply_tokens - 1) / self.row_tokens_per_s
+    def step_s(self, rows: float) -> float:
+        """A decoding step's time with ``rows`` rows busy (one token for each)."""
+        full = 1 / self.row_tokens_per_s
+        if not self.half_row_tokens_per_s:
+            return full
+        half = 1 / self.half_row_tokens_per_s
+        return max(0.2 * full, half + (full - half) * (rows - self.slots / 2) / (self.slots / 2))
+
+    def service_s(self, reply_tokens: float, rows: float | None = None) -> float:
+        """How long a reply of ``reply_tokens`` holds a slot, with ``rows`` busy (every slot: None)."""
+        return self.first_token_s + max(0.0, reply_tokens - 1) * self.step_s(self.slots if rows is None else rows)
 
     def chats_per_s(self, reply_tokens: float) -> float:
         """What one worker serves, every slot busy."""
@@ -82,18 +96,36 @@ class Prediction:
     ttft_p99_s: float
 
 
+def queue(cap: Capacity, rate: float, reply_tokens: float, workers: int) -> tuple[float, float, float]:
+    """The birth-death chain of ``workers`` x slots servers at ``rate``, chats spread evenly over the workers:
+    the chance that a chat waits, the mean number waiting and the mean number being served (the rate must be
+    under what every slot busy serves)."""
+    servers = workers * cap.slots
+    busy = np.arange(1, servers + 1)
+    served = busy / np.array([cap.service_s(reply_tokens, n / workers) for n in busy])  # departures at n chats
+    log_p = np.concatenate([[0.0], np.cumsum(np.log(rate) - np.log(served))])  # p(0) .. p(c), unnormalized
+    ratio = rate / served[-1]  # beyond c, every further chat waits: a geometric tail
+    top = log_p.max()
+    p = np.exp(log_p - top)
+    total = p[:-1].sum() + p[-1] / (1 - ratio)
+    at_c = p[-1] / total
+    return at_c / (1 - ratio), at_c * ratio / (1 - ratio) ** 2, float((p[:-1] * np.arange(servers)).sum() / total
+                                                                  + servers * at_c / (1 - ratio))
+
+
 def predict(cap: Capacity, rate: float, reply_tokens: float, workers: int) -> Prediction:
     service = cap.service_s(reply_tokens)
     servers = workers * cap.slots
-    offered = rate * service
     spread = (1 + cap.service_cv2) / 2  # Allen-Cunneen, Poisson arrivals
-    if offered >= servers:
-        return Prediction(workers, offered / servers, offered, math.inf, 1.0, math.inf, math.inf, math.inf)
-    waits = erlang_c(servers, offered)
+    if rate * service >= servers:
+        return Prediction(workers, rate * service / servers, rate * service, math.inf, 1.0, math.inf, math.inf,
+                          math.inf)
+    waits, waiting, busy = queue(cap, rate, reply_tokens, workers)
     drain = servers / service - rate  # how fast the queue empties while every slot is busy
-    queued = spread * waits / drain
+    queued = spread * waiting / rate  # Little's law: the mean wait
     p99 = spread * math.log(waits / 0.01) / drain if waits > 0.01 else 0.0
-    return Prediction(workers, offered / servers, offered, rate * queued, waits, cap.dispatch_s + queued,
+    p99 = max(p99, queued)  # never under the mean
+    return Prediction(workers, busy / servers, busy, spread * waiting, waits, cap.dispatch_s + queued,
                       cap.dispatch_s + p99, cap.dispatch_s + p99 + cap.first_token_p99_s)
 
 
@@ -111,9 +143,12 @@ def plan(cap: Capacity, rate: float, reply_tokens: float, ttft_p99: float | None
     service = cap.service_s(reply_tokens)
     budget = (ttft_p99 - cap.first_token_p99_s - cap.dispatch_s) if ttft_p99 is not None else service
     keda = max(1, math.floor(budget * cap.slots / service)) if budget > 0 else 1
-    workers = max(1, math.ceil(rate * service / (cap.slots * max_utilization)))
+    workers = math.floor(rate * service / cap.slots) + 1  # the fewest whose slots, all busy, keep up
     while workers <= max_workers:
         p = predict(cap, rate, reply_tokens, workers)
+        if p.utilization > max_utilization:
+            workers += 1
+            continue
         if ttft_p99 is None or p.ttft_p99_s <= ttft_p99:
             return Plan(p, service, keda, True)
         if budget <= 0:
@@ -129,7 +164,8 @@ def report(cap: Capacity, rate: float, reply_tokens: float, ttft_p99: float | No
     p = result.prediction
     lines = [
         f"One worker (measured {cap.measured}): {cap.slots} slots, {cap.row_tokens_per_s:.1f} tokens/s per row with "
-        f"every slot busy, first token {cap.first_token_s * 1000:.0f} ms, dispatch {cap.dispatch_s * 1000:.0f} ms.",
+        f"every slot busy" + (f" ({cap.half_row_tokens_per_s:.1f} with half)" if cap.half_row_tokens_per_s else "")
+        + f", first token {cap.first_token_s * 1000:.0f} ms, dispatch {cap.dispatch_s * 1000:.0f} ms.",
         f"A {reply_tokens:g}-token reply holds a slot {result.service_s:.2f} s: one worker serves "
         f"{cap.chats_per_s(reply_tokens):.2f} chats/s.",
         f"At {rate:g} chats/s, {p.busy_slots:.1f} slots are busy on average (Little's law, L = lambda x S).",

@@ -84,36 +84,38 @@ class Scale:
         self.net.remove()
 
     def host(self, i: int) -> tuple[Host, float]:
-        """Start host ``i`` on core ``i`` with a chat already waiting: the host and the seconds from its start
-        to that chat's first token."""
+        """Start host ``i`` on core ``i`` while chats wait in the queue (more than the running hosts' slots): the
+        host and the seconds from its start to its first request taken."""
         host = Host(self.root / "hosts", f"host-{i + 1}", self.net.namespaces[i],
                     join_env(self.settings, CHAT_TORCH_THREADS="1", CHAT_BIND="0.0.0.0",
                              CHAT_WORKER_METRICS_PORT=str(METRICS_PORT)),
-                    cpus=str(i % (os.cpu_count() or 1)))
+                    cpus=str(i % (os.cpu_count() or 1)))  # core i
         self.hosts.append(host)
-        first: dict = {}
-        ready = threading.Event()
-
-        def ask() -> None:
-            ws = loadgen.connect(self.url, loadgen.guest_token(self.url))
-            ready.set()
-            first["sample"] = loadgen._one(ws, loadgen.PROMPTS[0], 8)
-            ws.close()
-
-        asking = threading.Thread(target=ask)
-        asking.start()
-        ready.wait(30)
-        time.sleep(0.5)  # the chat is in the queue before the host exists
+        chats = (i + 1) * self.settings.max_batch
+        waiting = threading.Thread(target=loadgen.closed_loop, args=(self.url, chats, 8 * chats, 32))
+        waiting.start()
+        time.sleep(2)  # every slot of the hosts already running is busy, and chats wait
         started = time.perf_counter()
         host.start()
-        asking.join(300)
-        sample = first.get("sample")
-        if sample is None or not sample.token_times:
-            raise RuntimeError(f"{host.name} served nothing:\n{host.tail()}")
-        took = sample.token_times[0] - started
-        logger.info("%s: first request served %.1f s after its start", host.name, took)
+        deadline = time.monotonic() + 300
+        while self.metric(self.net.addresses[i], "chat_requests_in_flight", "chat_requests_served_total") == 0:
+            if time.monotonic() > deadline or host.proc.poll() is not None:
+                raise RuntimeError(f"{host.name} took no request:\n{host.tail()}")
+            time.sleep(0.05)
+        took = time.perf_counter() - started
+        logger.info("%s: first request taken %.1f s after its start", host.name, took)
+        waiting.join()
         self.wait_live(len(self.hosts))
         return host, took
+
+    def metric(self, address: str, *names: str) -> float:
+        """The sum of the samples so named (all labels) of the worker at ``address``; 0 before it serves any."""
+        try:
+            text = requests.get(f"http://{address}:{METRICS_PORT}/metrics", timeout=2).text
+        except requests.RequestException:
+            return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name in names)
 
     def wait_live(self, count: int) -> None:
         client = streams.connect(self.settings.resolved_redis_url, max_connections=1)
@@ -128,17 +130,9 @@ class Scale:
 
     def queue_wait(self) -> tuple[float, float]:
         """The hosts' ``chat_queue_wait_seconds``: sum and count over all of them."""
-        total = count = 0.0
-        for address in self.net.addresses[:len(self.hosts)]:
-            text = requests.get(f"http://{address}:{METRICS_PORT}/metrics", timeout=10).text
-            for family in text_string_to_metric_families(text):
-                if family.name == "chat_queue_wait_seconds":
-                    for sample in family.samples:
-                        if sample.name.endswith("_sum"):
-                            total += sample.value
-                        elif sample.name.endswith("_count"):
-                            count += sample.value
-        return total, count
+        addresses = self.net.addresses[:len(self.hosts)]
+        return (sum(self.metric(a, "chat_queue_wait_seconds_sum") for a in addresses),
+                sum(self.metric(a, "chat_queue_wait_seconds_count") for a in addresses))
 
     def load(self, label: str, fn, settle_s: float = 0) -> tuple[dict, loadgen.Run, float]:
         """Run a load; its summary, its samples and the mean queue wait of its requests (of those served after
@@ -166,14 +160,33 @@ class Scale:
     def run(self) -> dict:
         out: dict = {"cpu": describe(), "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
         slots = self.settings.max_batch
+        cores = sorted(os.sched_getaffinity(0))
+        # The stack and the load generator on the last core, host i on core i: one host has a core to itself; the
+        # second shares the last with the stack.
+        os.sched_setaffinity(0, {cores[-1]})
+        out["cores"] = len(cores)
         self.start()
         try:
             first_served = [self.host(0)[1]]
             self.load("warm-up", lambda: loadgen.closed_loop(self.url, slots, slots, 8))
-            idle, _, dispatch = self.load("1 host, C=1", lambda: loadgen.closed_loop(self.url, 1, self.n(24), 4))
+            idle, _, _ = self.load("1 host, C=1", lambda: loadgen.closed_loop(self.url, 1, self.n(24), 4))
             one, one_run, _ = self.load("1 host, saturated", lambda: loadgen.closed_loop(
                 self.url, slots, self.n(64), NEW_TOKENS))
-            cap, reply_tokens = capacity(one, one_run, dispatch, slots, out["cpu"], out["when"])
+            # The first token with every slot busy: chats that start spread over one reply's time, as arrivals
+            # do (started together, replies of one length start and end in waves).
+            reply_s = statistics.fmean(s.done - s.sent for s in one_run.samples if s.done and not s.error)
+            spread, spread_run, _ = self.load("1 host, saturated, spread", lambda: loadgen.closed_loop(
+                self.url, slots, self.n(64), NEW_TOKENS, stagger_s=reply_s / slots))
+            # Each row's speed with half the slots busy (a decoding step costs less with fewer rows), and the
+            # dispatch time while the worker is busy but has a slot free.
+            half, half_run, dispatch = self.load("1 host, half the slots", lambda: loadgen.closed_loop(
+                self.url, slots // 2, self.n(48), NEW_TOKENS, stagger_s=reply_s / slots))
+            # What it serves with every slot busy and chats waiting: twice as many chats as slots, their starts
+            # spread, so that each reply begins when one ends, at random phases, as under random arrivals.
+            over, over_run, _ = self.load("1 host, 2x slots, spread", lambda: loadgen.closed_loop(
+                self.url, 2 * slots, self.n(160), NEW_TOKENS, stagger_s=reply_s / slots / 2))
+            cap, reply_tokens = capacity(over, over_run, spread_run, half_run, dispatch, slots, out["cpu"],
+                                         out["when"])
             per_s = cap.chats_per_s(reply_tokens)
             logger.info("One host: %.2f chats/s of %.1f tokens (%s)", per_s, reply_tokens, cap)
             validation = []
@@ -186,38 +199,48 @@ class Scale:
                 validation.append({"load": load, "rate_per_s": rate, "requests": total,
                                    "predicted_mean_wait_ms": round(expected.mean_wait_s * 1000, 1),
                                    "measured_mean_wait_ms": round(measured * 1000, 1),
-                                   "error": round(expected.mean_wait_s / measured - 1, 3),
+                                   "error": round(expected.mean_wait_s / measured - 1, 3) if measured else None,
                                    "ttft_ms": summary["ttft_ms"], "errors": summary["errors"]})
                 logger.info("Planner at %.0f%%: predicted %.1f ms, measured %.1f ms", load * 100,
                             expected.mean_wait_s * 1000, measured * 1000)
+            # One host saturated again, close in time to the two: the machine's speed drifts over minutes.
+            one_again, _, _ = self.load("1 host, saturated, again", lambda: loadgen.closed_loop(
+                self.url, slots, self.n(96), NEW_TOKENS, stagger_s=reply_s / slots))
             first_served.append(self.host(1)[1])
             self.load("warm-up, 2 hosts", lambda: loadgen.closed_loop(self.url, 2 * slots, 2 * slots, 8))
             two, _, _ = self.load("2 hosts, saturated", lambda: loadgen.closed_loop(
-                self.url, 2 * slots, self.n(128), NEW_TOKENS))
+                self.url, 2 * slots, self.n(192), NEW_TOKENS, stagger_s=reply_s / slots / 2))
         finally:
             self.stop()
-        ratio = two["saturated_tokens_per_s"] / one["saturated_tokens_per_s"]
+        ratio = two["saturated_tokens_per_s"] / one_again["saturated_tokens_per_s"]
         logger.info("2 hosts / 1 host, saturated: %.2fx", ratio)
         out["capacity"] = {"worker": cap.__dict__, "reply_tokens": reply_tokens, "chats_per_s": round(per_s, 3),
-                           "idle": idle, "saturated": one, "validation": validation}
-        out["hosts"] = {"one": one, "two": two, "two_over_one": round(ratio, 2), "first_served_s": first_served}
+                           "idle": idle, "over": over, "spread": spread, "half": half, "saturated": one,
+                           "validation": validation}
+        out["hosts"] = {"one": one_again, "one_earlier": one, "two": two, "two_over_one": round(ratio, 2),
+                        "first_served_s": first_served}
         return out
 
 
-def capacity(run: dict, samples: loadgen.Run, dispatch: float, slots: int, cpu: str, when: str) -> tuple[Capacity,
-                                                                                                       float]:
-    """One worker's figures from its saturated run (as many chats as slots: none waits for a slot), and the mean
-    reply length of that run."""
-    done = [s for s in samples.samples if s.done is not None and s.error is None and s.token_times]
-    held = [s.done - s.sent for s in done]  # a chat's slot, from its arrival to its end
-    mean = statistics.fmean(held)
-    ttft = sorted(s.token_times[0] - s.sent for s in done)
+def capacity(over: dict, over_run: loadgen.Run, spread: loadgen.Run, half: loadgen.Run, dispatch: float,
+             slots: int, cpu: str, when: str) -> tuple[Capacity, float]:
+    """One worker's figures, and the mean reply length: its rate from the run with chats waiting (while every
+    chat had a request in flight: every slot busy), its first token from the spread run (every slot busy, no
+    queue), its rows' speed with half the slots busy from the half run."""
+    done = [s for s in over_run.samples if s.done is not None and s.error is None and s.token_times]
+    reply_tokens = statistics.fmean(s.completion_tokens for s in done)
+    held = slots * reply_tokens / over["saturated_tokens_per_s"]  # a reply's time in its slot (Little's law)
+    first = [s for s in spread.samples if s.done is not None and s.error is None and s.token_times]
+    ttft = sorted(s.token_times[0] - s.sent for s in first)
+    first_token = max(0.0, statistics.median(ttft) - dispatch)
     p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]
-    reply_tokens = run["output_tokens"] / run["completed"]
-    cap = Capacity(slots=slots, row_tokens_per_s=round(run["saturated_tokens_per_s"] / slots, 2),
-                   first_token_s=round(max(0.0, statistics.median(ttft) - dispatch), 4),
-                   first_token_p99_s=round(max(0.0, p99 - dispatch), 4), dispatch_s=round(dispatch, 4),
-                   service_cv2=round(statistics.pvariance(held) / mean ** 2, 4),
+    spans = [s.done - s.token_times[0] for s in done]  # first token to the end: decoding, spread by the length
+    half_held = statistics.fmean(s.done - s.sent for s in half.samples if s.done is not None and s.error is None)
+    cap = Capacity(slots=slots, row_tokens_per_s=round((reply_tokens - 1) / max(1e-3, held - first_token), 2),
+                   half_row_tokens_per_s=round((reply_tokens - 1) / max(1e-3, half_held - dispatch - first_token), 2),
+                   first_token_s=round(first_token, 4), first_token_p99_s=round(max(0.0, p99 - dispatch), 4),
+                   dispatch_s=round(dispatch, 4),
+                   service_cv2=round(statistics.pvariance(spans) / statistics.fmean(spans) ** 2, 4),
                    measured=f"{when}, {cpu.split(';')[0]}, 1 core, 1 thread")
     return cap, round(reply_tokens, 1)
 
@@ -233,8 +256,9 @@ def markdown(out: dict) -> str:
         "The stack (Redis, the PostgreSQL primary and replica, the web tier) listens on a bridge with passwords;"
         " each worker host runs in a network namespace of its own with its own data folder, HOME, TMPDIR and"
         " copy of the model, joined with the join settings only (scripts/hosts.py), pinned to a core of its own"
-        " (`taskset`) with one torch thread. This machine has two cores: the web tier, the databases and the load"
-        " generator share them with the hosts.",
+        " (`taskset`) with one torch thread. The web tier, the databases and the load generator are pinned to the"
+        f" last of this machine's {out['cores']} cores: one host has its core to itself, and on two cores the"
+        " second host shares the stack's.",
         "",
         "## One host against two, saturated",
         "",
@@ -247,18 +271,24 @@ def markdown(out: dict) -> str:
     first = ", ".join(f"{s:.1f} s" for s in hosts["first_served_s"])
     lines += [
         "",
-        f"Two hosts serve **{hosts['two_over_one']}x** what one serves.",
+        f"Two hosts serve **{hosts['two_over_one']}x** what one serves (the one-host run just before the"
+        f" second host started; an earlier one made {hosts['one_earlier']['saturated_tokens_per_s']} tokens/s: this"
+        " machine's speed drifts over minutes).",
         "",
-        f"From a worker host's start (its launcher, the model loaded from its folder) to its first served request"
-        f" (a chat already waiting in the queue): {first} (first host, second host).",
+        f"From a worker host's start (its launcher, the model loaded from its folder) to its first request taken"
+        f" (chats waiting in the queue meanwhile): {first} (first host, second host).",
         "",
         "## The capacity planner against the real stack",
         "",
-        f"One worker, measured: {w['slots']} slots, {w['row_tokens_per_s']} tokens/s per row with every slot busy,"
-        f" first token {w['first_token_s'] * 1000:.0f} ms (p99 {w['first_token_p99_s'] * 1000:.0f} ms) with every"
-        f" slot busy, dispatch {w['dispatch_s'] * 1000:.1f} ms at idle, service-time cv^2 {w['service_cv2']}."
-        f" Replies averaged {cap['reply_tokens']} tokens: one worker serves {cap['chats_per_s']} chats/s."
-        " `python -m scripts.plan` reads these figures from `docs/benchmarks.json`.",
+        f"One worker, measured: {w['slots']} slots; its rate with chats waiting ({cap['over']['offered']}, twice its"
+        f" slots, their starts spread: every slot busy, each reply starting as one ends) {cap['chats_per_s']} chats/s of"
+        f" {cap['reply_tokens']} tokens, so each row decodes {w['row_tokens_per_s']} tokens/s"
+        f" ({w['half_row_tokens_per_s']} with half the slots busy: {cap['half']['offered']}); its first token"
+        f" {w['first_token_s'] * 1000:.0f} ms (p99 {w['first_token_p99_s'] * 1000:.0f} ms) with every slot busy"
+        f" (as many chats as slots, their starts spread over one reply's time); dispatch"
+        f" {w['dispatch_s'] * 1000:.1f} ms with half the slots busy ({cap['idle']['mean_queue_wait_ms']} ms at"
+        f" idle); the decoding times' cv^2 {w['service_cv2']}. `python -m scripts.plan` reads these figures from"
+        " `docs/benchmarks.json`.",
         "",
         "Poisson arrivals at a share of that capacity, against what the planner predicts for them (mean queue"
         " wait: from acceptance to a worker starting on the request, the workers' own"
@@ -268,9 +298,15 @@ def markdown(out: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in cap["validation"]:
+        error = "-" if v["error"] is None else format(v["error"], "+.0%")
         lines.append(f"| {v['load']:.0%} | {v['rate_per_s']} | {v['requests']} | {v['predicted_mean_wait_ms']} ms | "
-                     f"{v['measured_mean_wait_ms']} ms | {v['error']:+.0%} | {v['ttft_ms']['p50']} / "
-                     f"{v['ttft_ms']['p99']} ms |")
+                     f"{v['measured_mean_wait_ms']} ms | {error} | {v['ttft_ms']['p50']} / {v['ttft_ms']['p99']} ms |")
+    lines += ["", "Near full use, a queue's wait is most sensitive to the capacity it is measured against: at 90%, a"
+              " capacity 10% higher than the one measured divides the wait of a 16-slot worker by three (Erlang C), and this machine's"
+              " speed moves by tens of percent over minutes (compare the two one-host runs above); the planner's"
+              " error there says mostly how far the machine's speed moved between the capacity run and the"
+              " open-loop one. Plan with figures measured on the machines you deploy, and with headroom"
+              " (`--max-utilization`, 85% by default)."]
     rate, tokens = max(0.1, round(cap["chats_per_s"] * 1.5, 1)), cap["reply_tokens"]
     worker = Capacity(**w)
     lines += ["", f"For example, `python -m scripts.plan --rate {rate} --reply-tokens {tokens} --ttft-p99 2`:", "",

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scripts.plan import Capacity, erlang_c, main, plan, predict
+from scripts.plan import Capacity, erlang_c, main, plan, predict, queue
 
 CAP = Capacity(slots=16, row_tokens_per_s=30.0, first_token_s=0.2, first_token_p99_s=0.4, dispatch_s=0.01,
                service_cv2=1.0, measured="a test")
@@ -54,6 +54,26 @@ def test_the_predicted_wait_is_the_simulated_queues(load):
     simulated = simulated_mean_wait(CAP.slots, rate, service)
     print(f"load {load}: predicted {predicted:.4f} s, simulated {simulated:.4f} s")
     assert predicted == pytest.approx(simulated, rel=0.15, abs=0.002)
+
+
+@pytest.mark.parametrize("workers,load", [(1, 0.5), (1, 0.9), (3, 0.8)])
+def test_with_one_speed_the_chain_is_erlang_c(workers, load):
+    servers, service = workers * CAP.slots, CAP.service_s(64)
+    rate = load * servers / service
+    waits, waiting, busy = queue(CAP, rate, 64, workers)
+    assert waits == pytest.approx(erlang_c(servers, rate * service))
+    assert waiting == pytest.approx(waits * rate * service / (servers - rate * service))  # Lq of M/M/c
+    assert busy == pytest.approx(rate * service)  # Little's law for the slots
+
+
+def test_rows_that_decode_faster_when_fewer_are_busy_wait_less():
+    faster = Capacity(**{**CAP.__dict__, "half_row_tokens_per_s": 45.0})
+    assert faster.step_s(16) == pytest.approx(1 / 30) and faster.step_s(8) == pytest.approx(1 / 45)
+    assert faster.service_s(64, 4) < faster.service_s(64, 8) < faster.service_s(64)
+    rate = 0.9 * CAP.slots / CAP.service_s(64)
+    one_speed, load_dependent = predict(CAP, rate, 64, 1), predict(faster, rate, 64, 1)
+    assert load_dependent.utilization < one_speed.utilization
+    assert load_dependent.mean_wait_s < one_speed.mean_wait_s
 
 
 def test_littles_law_and_the_spread_of_service_times():
