@@ -179,8 +179,8 @@ def _pg_run(argv: list[str], env: dict | None = None) -> None:
 class PostgresPair:
     """A primary and a streaming replica made with ``pg_basebackup -R``.
 
-    They listen on loopback and ``bind``. Without a password they take the ``chat`` user from loopback only;
-    with one, from any address (the replica too) with that password only (SCRAM)."""
+    They listen on loopback and ``bind``. Without a password they take connections from loopback only; with one,
+    from any address (the replica's too), each with its role's password (SCRAM; ``chat``'s is the one given)."""
 
     def __init__(self, root: Path, primary_port: int, replica_port: int, durable: bool = True,
                  bind: str = "127.0.0.1", password: str = ""):
@@ -250,12 +250,12 @@ class PostgresPair:
     def _hba(self, data: Path) -> None:
         """Who may connect, written afresh at each start: it follows the password setting."""
         if self.password:
-            lines = ["host all chat all scram-sha-256", "host replication chat all scram-sha-256"]
+            lines = ["host all all all scram-sha-256", "host replication all all scram-sha-256"]
         else:
-            lines = [f"host {db} chat {net} trust" for db in ("all", "replication") for net in ("127.0.0.1/32",
-                                                                                                  "::1/128")]
+            lines = [f"host {db} all {net} trust" for db in ("all", "replication") for net in ("127.0.0.1/32",
+                                                                                                 "::1/128")]
         # The socket (in a folder only the server's user may use) is how a password is set in the first place.
-        (data / "pg_hba.conf").write_text("\n".join(["local all chat trust", "local replication chat trust",
+        (data / "pg_hba.conf").write_text("\n".join(["local all all trust", "local replication all trust",
                                                      *lines]) + "\n")
 
     def _conninfo(self) -> None:
