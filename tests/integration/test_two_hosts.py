@@ -128,10 +128,11 @@ def test_a_host_lost_mid_reply_leaves_its_requests_to_the_other_stored_once(remo
     chatting = threading.Thread(target=chat_all, args=(remote_stack, 8, results))
     chatting.start()
     deadline = time.monotonic() + 120
-    while True:  # until the victim is decoding a reply of this batch
-        running = [t for t in flower_tasks(remote_stack).values()
-                   if t.get("state") == "STARTED" and (t.get("worker") or "").endswith("@" + victim.name)]
-        if running:
+    while True:  # until every chat of this batch is being decoded, some of them by the victim: mid-reply
+        # (no other task runs now: the test before this one waited for all of its own)
+        started = [t for t in flower_tasks(remote_stack).values() if t.get("state") == "STARTED"]
+        running = [t for t in started if (t.get("worker") or "").endswith("@" + victim.name)]
+        if running and len(started) >= 8:
             break
         assert time.monotonic() < deadline and chatting.is_alive(), "the victim took none of the chats"
         time.sleep(0.05)
