@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated, Literal
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
 
@@ -45,6 +46,22 @@ class ProtocolError(Exception):
         self.message = message
         self.request_id = request_id
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """What one request asks of generation, whole: built by the web tier from a frame or an API body, stored with
+    the request, read by the worker and handed to the engine as it is."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SamplingParams:
+        return cls(max_new_tokens=int(data["max_new_tokens"]), temperature=float(data.get("temperature", 0.0)))
 
 
 class _Frame(BaseModel):

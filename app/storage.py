@@ -46,6 +46,8 @@ from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Delete, Executable, Insert, Update
 
+from app.protocol import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 NAMING = {
@@ -165,7 +167,7 @@ class Accepted:
 class PromptRequest:
     request_id: str
     conversation_id: str
-    params: dict
+    params: SamplingParams
     history: list[dict]  # [{"role", "content"}], oldest first, up to this request's message
     reply: Message | None  # already stored: this is a redelivery
     accepted_at: float = 0.0  # when the web tier stored it (seconds since the epoch, the primary's clock)
@@ -230,7 +232,7 @@ class Store:
     # --- the web tier ---------------------------------------------------------
 
     def accept_chat(self, owner: str, content: str, conversation_id: str | None, client_id: str | None,
-                    params: dict) -> Accepted:
+                    params: SamplingParams) -> Accepted:
         """Store the user message (and its conversation when new) on the primary, in one statement."""
         request_id, message_id = new_id(), new_id()
         stmt = _ACCEPT_IN_NEW if conversation_id is None else _ACCEPT_IN_EXISTING
@@ -238,7 +240,7 @@ class Store:
             # Bind names unlike any column's: an UPDATE would take a column-named parameter as a SET value.
             rows = self._on_primary(stmt, new_conversation_id=conversation_id or new_id(), new_owner=owner,
                                     new_title=_title(content), new_request_id=request_id, new_client_id=client_id,
-                                    new_message_id=message_id, new_params=params, new_content=content)
+                                    new_message_id=message_id, new_params=params.as_json(), new_content=content)
         except IntegrityError:
             # The client_id repeats an earlier request (a retry, or two sockets racing).
             earlier = self._request_by_client_id(owner, client_id) if client_id else None
@@ -254,7 +256,7 @@ class Store:
         with self.primary.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             return conn.execute(stmt, params).all()
 
-    def accept_exchange(self, owner: str, messages: list[tuple[str, str]], params: dict) -> Accepted:
+    def accept_exchange(self, owner: str, messages: list[tuple[str, str]], params: SamplingParams) -> Accepted:
         """Store a whole exchange sent at once (the OpenAI API's ``messages``, the last one the user's) as a new
         conversation of ``owner``, with the request for its reply; one transaction."""
         request_id, conversation_id = new_id(), new_id()
@@ -269,7 +271,7 @@ class Store:
                               content=content, status="complete"))
                 s.flush()  # in order: created_at is the clock at each insert, and the prompt is read by it
             s.add(ChatRequest(id=request_id, owner=owner, conversation_id=conversation_id, user_message_id=ids[-1],
-                              params=params))
+                              params=params.as_json()))
         return Accepted(request_id, conversation_id, ids[-1], created=True)
 
     def create_api_key(self, owner: str, name: str = "") -> tuple[str, str]:
@@ -367,8 +369,9 @@ class Store:
         reply = next((Message(id=r.id, role=r.role, content=r.content, finish_reason=r.finish_reason,
                               prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
                       for r in rows if r.is_reply), None)
-        return PromptRequest(request_id, rows[0].conversation_id, dict(rows[0].params), history, reply,
-                             rows[0].accepted_at.timestamp())
+        first = rows[0]
+        return PromptRequest(request_id, first.conversation_id, SamplingParams.from_json(first.params), history,
+                             reply, first.accepted_at.timestamp())
 
     def stored_reply(self, request_id: str) -> Message | None:
         """The request's assistant message, if it is stored (on the primary: it may be a moment old)."""

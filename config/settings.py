@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)
     prefill_tokens_per_pass: int = Field(256, ge=1)
+    # Memory a worker keeps the prompts of finished requests in, for the next turn of their conversations to
+    # compute only what is new; 0 turns the reuse off.
+    prefix_cache_mb: float = Field(512, ge=0)
     worker_concurrency: int = Field(0, ge=0)
     cpu_workers: int = Field(1, ge=1)
     gpus: str | None = Field(None, validation_alias=AliasChoices("CHAT_GPUS", "CUDA_VISIBLE_DEVICES"))

@@ -18,9 +18,10 @@ import time
 import torch
 from transformers import DynamicCache
 
+from app.protocol import SamplingParams
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from scripts.loadgen import PROMPTS
-from workers.engine import BatchingEngine, GenerateEngine, GenerationParams
+from workers.engine import BatchingEngine, GenerateEngine
 from workers.kernels import PaddedRows
 from workers.cpu import NATIVE_BF16, cpu_flags
 from workers.model import load_model
@@ -62,7 +63,7 @@ def timed(engine, ids: list[int]) -> tuple[float, list[float], int]:
     """(time to first text, gaps between texts, tokens) of one request alone."""
     stamps: list[float] = []
     started = time.perf_counter()
-    result = engine.generate(ids, GenerationParams(NEW_TOKENS), lambda _: stamps.append(time.perf_counter()))
+    result = engine.generate(ids, SamplingParams(NEW_TOKENS), lambda _: stamps.append(time.perf_counter()))
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return stamps[0] - started, gaps, result.completion_tokens
 
@@ -114,7 +115,7 @@ def engine(threads: int) -> dict:
         all_ids = prompts(eng.loaded)
         result = {"lone": lone(eng, all_ids), "min_rows": eng.min_rows}
         started = time.perf_counter()
-        futures = [eng.submit(all_ids[i % len(all_ids)], GenerationParams(NEW_TOKENS), lambda _: None)
+        futures = [eng.submit(all_ids[i % len(all_ids)], SamplingParams(NEW_TOKENS), lambda _: None)
                    for i in range(16)]
         tokens = sum(f.result().completion_tokens for f in futures)
         result["batch16_tps"] = tokens / (time.perf_counter() - started)
@@ -134,7 +135,7 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     least, min_rows = {m: m.least for m in padded}, eng.min_rows
 
     def use(way: str) -> None:
-        eng.min_rows = 2 if way == "whole_pass" else min_rows
+        eng.runner.min_rows = 2 if way == "whole_pass" else min_rows
         for m in padded:
             m.least = least[m] if way == "as_run" else 1
 
@@ -149,7 +150,7 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
                 use(way)
                 itl[way].append(1000 * statistics.median(timed(eng, all_ids[r % len(all_ids)])[1]))
                 started = time.perf_counter()
-                futures = [eng.submit(all_ids[i % len(all_ids)], GenerationParams(NEW_TOKENS // 2), lambda _: None)
+                futures = [eng.submit(all_ids[i % len(all_ids)], SamplingParams(NEW_TOKENS // 2), lambda _: None)
                            for i in range(16)]
                 tps[way].append(sum(f.result().completion_tokens for f in futures) / (time.perf_counter() - started))
         use("as_run")

@@ -45,28 +45,16 @@ def runtime():
 def _start(sender=None, **_):
     """Load the model in this process, after start-up, then say so every few seconds."""
     configure_logging(settings.log_level, settings.log_json)
-    from workers.engine import BatchingEngine, GenerateEngine
+    from workers.engine import build_engine
     from workers.handler import RequestHandler
     from workers.leases import Leases
-    from workers.model import load_model
-    from workers.prompt import shared_prefix_ids
     from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
-
-    def load():  # on the engine's own thread: the one that runs the model
-        return load_model(str(settings.model_dir), settings.device, settings.dtype, settings.torch_threads,
-                          settings.max_batch if settings.prepack else 0, settings.fuse_projections)
 
     redis_client = streams.connect(settings.resolved_redis_url)
     _runtime["redis"] = redis_client
     _runtime["leases"] = Leases(streams.connect(settings.resolved_broker_url), settings.task_lease_s / 5).start()
     relay = TokenRelay(redis_client, settings.stream_ttl_s, settings.stream_maxlen)
-    if settings.engine == "batching":
-        engine = BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
-                                prefill_tokens_per_pass=settings.prefill_tokens_per_pass,
-                                shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt),
-                                after_pass=relay.flush).start()
-    else:
-        engine = GenerateEngine(load, after_pass=relay.flush).start()
+    engine = build_engine(settings, after_pass=relay.flush)
     loaded = engine.loaded
     logger.info("Engine %s: %d slots, %d task threads", settings.engine,
                 settings.max_batch if settings.engine == "batching" else 1, settings.resolved_worker_concurrency)
@@ -76,7 +64,7 @@ def _start(sender=None, **_):
     _runtime["handler"] = RequestHandler(
         store, functools.partial(streams.stream_events, redis_client),
         relay, CancelWatcher(redis_client), FinishedReplies(redis_client, settings.stream_ttl_s),
-        engine, loaded.tokenizer, settings.system_prompt, settings.default_max_new_tokens,
+        engine, loaded.tokenizer, settings.system_prompt,
         metrics_model=settings.model_id if settings.metrics else None)
     if settings.metrics and settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port, settings.resolved_bind)

@@ -9,10 +9,9 @@ from collections.abc import Callable
 
 from sqlalchemy.exc import OperationalError
 
-from app.protocol import done_frame, token_frame
+from app.protocol import SamplingParams, done_frame, token_frame
 from app.storage import Store
 from workers import metrics
-from workers.engine import GenerationParams
 from workers.metrics import Timing
 from workers.prompt import build_prompt_ids
 from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
@@ -35,7 +34,7 @@ class RequestHandler:
 
     def __init__(self, store: Store, events: Callable[[str], list[dict]], relay: TokenRelay,
                  cancels: CancelWatcher, finished: FinishedReplies, engine, tokenizer, system_prompt: str,
-                 default_max_new_tokens: int, metrics_model: str | None = None):
+                 metrics_model: str | None = None):
         self.store = store
         self.events = events
         self.relay = relay
@@ -44,7 +43,6 @@ class RequestHandler:
         self.engine = engine
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        self.default_max_new_tokens = default_max_new_tokens
         self.metrics_model = metrics_model  # the label of this worker's metrics; None: no metrics
         # Looked up once: one is observed per piece of text, on the engine's thread.
         self._itl = metrics.ITL.labels(metrics_model) if metrics_model else None
@@ -93,7 +91,7 @@ class RequestHandler:
         # the joined token texts still equal the stored reply.
         prefix = "".join(e["text"] for e in earlier if e["type"] == "token")
         seq = sum(1 for e in earlier if e["type"] == "token")
-        max_new = int(req.params.get("max_new_tokens") or self.default_max_new_tokens)
+        max_new = req.params.max_new_tokens
         prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
         room = self.engine.context_limit - max_new - len(prefix_ids)
         prompt_ids = build_prompt_ids(self.tokenizer, self.system_prompt, req.history, room)
@@ -118,8 +116,7 @@ class RequestHandler:
                     timing.first_token_s = now - req.accepted_at
                 last_piece = now
 
-        gen = GenerationParams(max_new_tokens=max(1, max_new - len(prefix_ids)),
-                               temperature=float(req.params.get("temperature") or 0.0))
+        gen = SamplingParams(max_new_tokens=max(1, max_new - len(prefix_ids)), temperature=req.params.temperature)
         cancelled = self.cancels.watch(request_id)
         first_token_ms = None
         # In flight until its reply is stored and observed: a scrape that sees none in flight sees every figure.
@@ -131,6 +128,7 @@ class RequestHandler:
                 finish, completion = result.finish_reason, len(prefix_ids) + result.completion_tokens
                 if result.first_token_s is not None:
                     first_token_ms = 1000 * result.first_token_s
+                timing.cached_tokens = result.cached_tokens
             except Exception:
                 logger.exception("Generation failed for request %s", request_id)
                 finish, completion = "error", len(prefix_ids)

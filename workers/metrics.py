@@ -29,6 +29,8 @@ DURATION = Histogram("chat_request_duration_seconds", "From acceptance to the re
 QUEUE_WAIT = Histogram("chat_queue_wait_seconds", "From acceptance to a worker starting on the request", ["model"],
                        buckets=_LATENCY)
 PROMPT_TOKENS = Counter("chat_prompt_tokens_total", "Prompt tokens of the requests served", ["model"])
+CACHED_TOKENS = Counter("chat_prompt_cached_tokens_total", "Prompt tokens taken from kept keys and values, not "
+                        "computed (the system prompt's, a conversation's earlier turns')", ["model"])
 COMPLETION_TOKENS = Counter("chat_completion_tokens_total", "Tokens generated for the requests served", ["model"])
 REQUESTS = Counter("chat_requests_served_total", "Requests whose reply was stored, by finish reason",
                    ["model", "finish_reason"])
@@ -41,6 +43,7 @@ class Timing:
 
     queue_wait_s: float | None = None
     first_token_s: float | None = None  # from acceptance
+    cached_tokens: int = 0  # prompt tokens the engine did not compute
 
 
 def serve(port: int, host: str) -> bool:
@@ -58,6 +61,8 @@ def observe_served(model: str, timing: Timing | None, duration_s: float | None, 
                    prompt_tokens: int, completion_tokens: int) -> None:
     REQUESTS.labels(model, finish_reason).inc()
     PROMPT_TOKENS.labels(model).inc(prompt_tokens)
+    if timing is not None:
+        CACHED_TOKENS.labels(model).inc(timing.cached_tokens)
     COMPLETION_TOKENS.labels(model).inc(completion_tokens)
     if duration_s is not None:
         DURATION.labels(model).observe(duration_s)

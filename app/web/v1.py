@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from app import streams
-from app.protocol import ErrorCode, ProtocolError, unstorable
+from app.protocol import ErrorCode, ProtocolError, SamplingParams, unstorable
 from app.web import metrics
 from app.web.errors import retry_after_header
 from app.web.identity import Unauthorized, bearer_token
@@ -187,7 +187,7 @@ def _parse(body: bytes, settings) -> tuple[CompletionRequest, list[tuple[str, st
     temperature = float(req.temperature or 0.0)
     if temperature > settings.max_temperature:
         raise ApiError(400, f"temperature: at most {settings.max_temperature}", param="temperature")
-    params = {"max_new_tokens": max_tokens or settings.default_max_new_tokens, "temperature": temperature}
+    params = SamplingParams(max_new_tokens=max_tokens or settings.default_max_new_tokens, temperature=temperature)
     return req, messages, params
 
 

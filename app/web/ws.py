@@ -21,6 +21,7 @@ from app.protocol import (
     Ping,
     ProtocolError,
     Resume,
+    SamplingParams,
     accepted_frame,
     error_frame,
     parse_client_frame,
@@ -114,11 +115,10 @@ class Connection:
 
     def chat(self, frame: Chat) -> None:
         settings = self.svc.settings
-        params = {
-            "max_new_tokens": min(frame.max_new_tokens or settings.default_max_new_tokens, settings.max_new_tokens_cap),
-            "temperature": float(frame.temperature or 0.0),
-        }
-        if params["temperature"] > settings.max_temperature:
+        params = SamplingParams(
+            max_new_tokens=min(frame.max_new_tokens or settings.default_max_new_tokens, settings.max_new_tokens_cap),
+            temperature=float(frame.temperature or 0.0))
+        if params.temperature > settings.max_temperature:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"temperature: at most {settings.max_temperature}")
         self.svc.admission.admit(self.owner)
         try:

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from app import streams
-from app.protocol import token_frame
+from app.protocol import SamplingParams, token_frame
 from app.storage import Store
 from config.celery import TASK_GENERATE, celery_config
 
@@ -26,7 +26,7 @@ def test_a_restored_request_goes_on_after_what_was_streamed(stack):
     client = streams.connect(settings.resolved_redis_url)
     try:
         accepted = store.accept_chat("owner-r", "What is the capital of France?", None, None,
-                                     {"max_new_tokens": 16, "temperature": 0.0})
+                                     SamplingParams(16))
         rid = accepted.request_id
         # What the worker that died had streamed before it went.
         for seq, text in enumerate(["The", " capital"]):

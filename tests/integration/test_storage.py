@@ -8,9 +8,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DataError
 
+from app.protocol import SamplingParams
 from app.storage import NotFound, Store, hung_up
 
 pytestmark = pytest.mark.integration
+
+PARAMS = SamplingParams(8)
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +32,11 @@ def rows_of(stack, conversation_id: str) -> tuple[int, int, int]:
 
 
 def test_accept_stores_conversation_request_and_message_together(stack, store):
-    first = store.accept_chat("owner-a", "Hello there", None, None, {"max_new_tokens": 8, "temperature": 0.0})
+    first = store.accept_chat("owner-a", "Hello there", None, None, SamplingParams(8))
     assert first.created and rows_of(stack, first.conversation_id) == (1, 1, 1)
     req = store.prompt_request(first.request_id)
     assert req.conversation_id == first.conversation_id
-    assert req.params == {"max_new_tokens": 8, "temperature": 0.0}
+    assert req.params == SamplingParams(8)
     assert req.history == [{"role": "user", "content": "Hello there"}] and req.reply is None
     with stack.primary() as conn:
         title, owner = conn.execute("SELECT title, owner FROM conversations WHERE id = %s",
@@ -44,12 +47,12 @@ def test_accept_stores_conversation_request_and_message_together(stack, store):
 
 
 def test_prompt_has_the_turns_before_it_and_a_stored_reply(stack, store):
-    first = store.accept_chat("owner-b", "One", None, None, {})
+    first = store.accept_chat("owner-b", "One", None, None, PARAMS)
     store.store_reply(first.request_id, first.conversation_id, "Reply one", "stop", 5, 2)
-    second = store.accept_chat("owner-b", "Two", first.conversation_id, None, {})
-    failed = store.accept_chat("owner-b", "Three", first.conversation_id, None, {})
+    second = store.accept_chat("owner-b", "Two", first.conversation_id, None, PARAMS)
+    failed = store.accept_chat("owner-b", "Three", first.conversation_id, None, PARAMS)
     store.store_reply(failed.request_id, first.conversation_id, "", "error", 9, 0)
-    fourth = store.accept_chat("owner-b", "Four", first.conversation_id, None, {})
+    fourth = store.accept_chat("owner-b", "Four", first.conversation_id, None, PARAMS)
 
     req = store.prompt_request(second.request_id)
     assert req.history == [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Reply one"},
@@ -67,24 +70,24 @@ def test_prompt_has_the_turns_before_it_and_a_stored_reply(stack, store):
 
 
 def test_another_owners_conversation_is_not_found_and_nothing_is_written(stack, store):
-    theirs = store.accept_chat("owner-c", "Mine", None, None, {})
+    theirs = store.accept_chat("owner-c", "Mine", None, None, PARAMS)
     with pytest.raises(NotFound):
-        store.accept_chat("owner-d", "Intruding", theirs.conversation_id, None, {})
+        store.accept_chat("owner-d", "Intruding", theirs.conversation_id, None, PARAMS)
     with pytest.raises(NotFound):
-        store.accept_chat("owner-d", "Nowhere", "no-such-conversation", None, {})
+        store.accept_chat("owner-d", "Nowhere", "no-such-conversation", None, PARAMS)
     assert rows_of(stack, theirs.conversation_id) == (1, 1, 1)
 
 
 def test_a_repeated_client_id_returns_the_first_request_and_writes_nothing(stack, store):
-    first = store.accept_chat("owner-e", "Once", None, "key-7", {})
-    again = store.accept_chat("owner-e", "Once", None, "key-7", {})
+    first = store.accept_chat("owner-e", "Once", None, "key-7", PARAMS)
+    again = store.accept_chat("owner-e", "Once", None, "key-7", PARAMS)
     assert (again.request_id, again.conversation_id, again.user_message_id) == (
         first.request_id, first.conversation_id, first.user_message_id)
     assert not again.created
     with stack.primary() as conn:
         assert conn.execute("SELECT count(*) FROM conversations WHERE owner = 'owner-e'").fetchone()[0] == 1
     # The same key from another caller is theirs alone.
-    other = store.accept_chat("owner-f", "Once", None, "key-7", {})
+    other = store.accept_chat("owner-f", "Once", None, "key-7", PARAMS)
     assert other.created and other.request_id != first.request_id
 
 
@@ -113,7 +116,7 @@ def test_pooled_connections_the_server_ended_are_replaced_without_an_error(stack
     # One connection per pool, so that each checkout gets the same one back while it lives.
     store = Store(stack.settings.resolved_database_url, stack.settings.resolved_replica_url, pool_size=1)
     try:
-        first = store.accept_chat("owner-g", "Before", None, None, {})
+        first = store.accept_chat("owner-g", "Before", None, None, PARAMS)
         primary_pid, replica_pid = _backend_pid(store.primary), _backend_pid(store.replica)
         # A live idle connection is kept: the check on checkout costs no reconnect.
         assert (_backend_pid(store.primary), _backend_pid(store.replica)) == (primary_pid, replica_pid)
@@ -123,7 +126,7 @@ def test_pooled_connections_the_server_ended_are_replaced_without_an_error(stack
         _terminate(stack.replica, replica_pid)
 
         # The next statements go through on fresh connections, at their first try.
-        second = store.accept_chat("owner-g", "After", first.conversation_id, None, {})
+        second = store.accept_chat("owner-g", "After", first.conversation_id, None, PARAMS)
         assert [m["content"] for m in store.prompt_request(second.request_id).history] == ["Before", "After"]
         assert _backend_pid(store.primary) != primary_pid
         deadline = time.monotonic() + 10

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from app.protocol import SamplingParams
 from config.settings import DEFAULT_MODEL_DIR, Settings
-from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine, GenerationParams
+from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine
 from workers.kernels import PaddedRows, pad_linears
 from workers.model import LoadedModel, load_model, pick_dtype
 from workers.prompt import build_prompt_ids, shared_prefix_ids
@@ -35,7 +36,7 @@ def engines():
         if dtype not in started:
             # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached.
             started[dtype] = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype),
-                                            max_batch=8, max_tokens=512,
+                                            max_batch=8, max_tokens=512, prefix_cache_mb=64,
                                             shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
         return started[dtype]
 
@@ -84,7 +85,7 @@ def wait_for_passes(engine, n: int) -> None:
 
 def run(engine, loaded, prompt, n=24, **kw):
     pieces: list[str] = []
-    result = engine.generate(ids(loaded, prompt), GenerationParams(n, **kw), pieces.append)
+    result = engine.generate(ids(loaded, prompt), SamplingParams(n, **kw), pieces.append)
     assert "".join(pieces) == result.text
     return result
 
@@ -108,8 +109,8 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     assert result.finish_reason == "stop"
     generate = GenerateEngine(lambda: padded_stock_model(loaded.dtype)).start()
     try:
-        baseline = generate.generate(ids(loaded, PROMPTS[0]), GenerationParams(24), lambda s: None)
-        longer = generate.generate(ids(loaded, PROMPTS[1]), GenerationParams(48), lambda s: None)
+        baseline = generate.generate(ids(loaded, PROMPTS[0]), SamplingParams(24), lambda s: None)
+        longer = generate.generate(ids(loaded, PROMPTS[1]), SamplingParams(48), lambda s: None)
     finally:
         generate.stop()
     assert baseline.text == result.text and baseline.completion_tokens == result.completion_tokens
@@ -119,7 +120,7 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
 def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
     engine, loaded = each_dtype, each_dtype.loaded
     alone = [run(engine, loaded, p).text for p in PROMPTS]
-    futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS]
+    futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
     together = [f.result(120).text for f in futures]
     assert together == alone
 
@@ -132,10 +133,10 @@ def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
                     for n in range(1, 40)),
                    key=lambda p: len(p) if len(p) < 2 * SPAN_BUCKET - 8 else 0)
     assert 2 * SPAN_BUCKET - 40 < len(long_ids) < 2 * SPAN_BUCKET - 8
-    alone_long = engine.generate(long_ids, GenerationParams(40), lambda s: None).text
+    alone_long = engine.generate(long_ids, SamplingParams(40), lambda s: None).text
     alone_short = [run(engine, loaded, p, n=40).text for p in PROMPTS[:3]]
-    futures = [engine.submit(ids(loaded, p), GenerationParams(40), lambda s: None) for p in PROMPTS[:3]]
-    futures.insert(1, engine.submit(long_ids, GenerationParams(40), lambda s: None))
+    futures = [engine.submit(ids(loaded, p), SamplingParams(40), lambda s: None) for p in PROMPTS[:3]]
+    futures.insert(1, engine.submit(long_ids, SamplingParams(40), lambda s: None))
     texts = [f.result(120).text for f in futures]
     assert texts == [alone_short[0], alone_long, *alone_short[1:]]
 
@@ -149,16 +150,16 @@ def test_padding_to_the_measured_rows_keeps_plain_layers_batch_invariant():
         assert "prepacking off" in eng.loaded.kernels
         assert 1 <= eng.min_rows <= 8
         alone = [run(eng, eng.loaded, p, n=12).text for p in PROMPTS[:4]]
-        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(12), lambda s: None) for p in PROMPTS[:4]]
+        futures = [eng.submit(ids(eng.loaded, p), SamplingParams(12), lambda s: None) for p in PROMPTS[:4]]
         assert [f.result(120).text for f in futures] == alone
         # A prompt of fewer tokens than that minimum, computed beside a decoding row: the pass is padded
         # and the prompt's first token still comes from its own logits.
-        eng.min_rows = 8  # at least the measured minimum (above), whatever this machine measured
+        eng.runner.min_rows = 8  # at least the measured minimum (above), whatever this machine measured
         tiny = ids(eng.loaded, PROMPTS[0])[-3:]
-        tiny_alone = eng.generate(tiny, GenerationParams(12), lambda s: None).text
-        decoding = eng.submit(ids(eng.loaded, PROMPTS[1]), GenerationParams(30), lambda s: None)
+        tiny_alone = eng.generate(tiny, SamplingParams(12), lambda s: None).text
+        decoding = eng.submit(ids(eng.loaded, PROMPTS[1]), SamplingParams(30), lambda s: None)
         wait_for_passes(eng, 3)
-        assert eng.generate(tiny, GenerationParams(12), lambda s: None).text == tiny_alone
+        assert eng.generate(tiny, SamplingParams(12), lambda s: None).text == tiny_alone
         assert decoding.result(120).text == run(eng, eng.loaded, PROMPTS[1], n=30).text
     finally:
         eng.stop()
@@ -195,7 +196,7 @@ def test_a_layer_that_rounds_a_lone_row_otherwise_is_found_at_start_and_padded_a
         padded = eng.loaded.model.model.layers[2].mlp.down_proj
         assert isinstance(padded, PaddedRows) and isinstance(padded.layer, OtherNumbersAlone)
         prompts = PROMPTS[:4]
-        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(16), lambda s: None) for p in prompts]
+        futures = [eng.submit(ids(eng.loaded, p), SamplingParams(16), lambda s: None) for p in prompts]
         together = [f.result(120).text for f in futures]
         assert [run(eng, eng.loaded, p, n=16).text for p in prompts] == together
         padded.least = 1  # without the padding, a lone request's text changes: the layer does matter
@@ -224,10 +225,10 @@ def test_any_other_operation_that_differs_alone_is_found_by_checking_whole_passe
     try:
         assert eng.min_rows == 2  # a pass of one row is padded with a throw-away row
         prompts = PROMPTS[:4]
-        futures = [eng.submit(ids(eng.loaded, p), GenerationParams(16), lambda s: None) for p in prompts]
+        futures = [eng.submit(ids(eng.loaded, p), SamplingParams(16), lambda s: None) for p in prompts]
         together = [f.result(120).text for f in futures]
         assert [run(eng, eng.loaded, p, n=16).text for p in prompts] == together
-        eng.min_rows = 1  # without it, a lone request's text changes
+        eng.runner.min_rows = 1  # without it, a lone request's text changes
         assert [run(eng, eng.loaded, p, n=16).text for p in prompts] != together
     finally:
         eng.stop()
@@ -238,14 +239,14 @@ def test_a_model_without_fused_layers_runs_through_its_own_forward_and_answers_a
     eng = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=DTYPE, fuse=False), max_batch=8,
                          max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
-        assert eng._lean is None and engine._lean is not None
+        assert eng.runner.lean is None and engine.runner.lean is not None
         long_prompt = bicycle_conversation(loaded, "Bicycles spread across Europe in the 1800s. " * 20)
         assert len(long_prompt) - len(eng.prefix) > 2 * PREFILL_CHUNK  # three pieces
         want = [run(engine, loaded, p, n=16).text for p in PROMPTS[:3]]
-        want_long = engine.generate(long_prompt, GenerationParams(16), lambda s: None).text
-        futures = [eng.submit(ids(loaded, p), GenerationParams(16), lambda s: None) for p in PROMPTS[:3]]
+        want_long = engine.generate(long_prompt, SamplingParams(16), lambda s: None).text
+        futures = [eng.submit(ids(loaded, p), SamplingParams(16), lambda s: None) for p in PROMPTS[:3]]
         wait_for_passes(eng, 2)
-        got_long = eng.generate(long_prompt, GenerationParams(16), lambda s: None).text
+        got_long = eng.generate(long_prompt, SamplingParams(16), lambda s: None).text
         assert [f.result(120).text for f in futures] == want
         assert got_long == want_long
     finally:
@@ -259,9 +260,9 @@ def test_requests_join_and_leave_between_steps(engine, loaded):
     it takes no more passes than it has tokens.
     """
     started = engine.steps
-    long_first = engine.submit(ids(loaded, PROMPTS[1]), GenerationParams(40), lambda s: None)
+    long_first = engine.submit(ids(loaded, PROMPTS[1]), SamplingParams(40), lambda s: None)
     wait_for_passes(engine, 5)
-    short = [engine.submit(ids(loaded, p), GenerationParams(3 + i), lambda s: None) for i, p in enumerate(PROMPTS[2:5])]
+    short = [engine.submit(ids(loaded, p), SamplingParams(3 + i), lambda s: None) for i, p in enumerate(PROMPTS[2:5])]
     short_results = [f.result(120) for f in short]
     assert [r.completion_tokens for r in short_results] == [3, 4, 5]
     assert all(r.finish_reason == "length" for r in short_results)
@@ -280,8 +281,8 @@ def test_cancel_drops_the_request_at_the_next_step(engine, loaded):
         if len(pieces) == 3:
             cancel.set()
 
-    other = engine.submit(ids(loaded, PROMPTS[3]), GenerationParams(30), lambda s: None)
-    result = engine.generate(ids(loaded, PROMPTS[1]), GenerationParams(60), on_text, cancel)
+    other = engine.submit(ids(loaded, PROMPTS[3]), SamplingParams(30), lambda s: None)
+    result = engine.generate(ids(loaded, PROMPTS[1]), SamplingParams(60), on_text, cancel)
     assert result.finish_reason == "cancelled"
     assert 3 <= result.completion_tokens <= 4
     assert result.text == "".join(pieces)
@@ -291,16 +292,16 @@ def test_cancel_drops_the_request_at_the_next_step(engine, loaded):
 def test_a_request_cancelled_before_it_starts_makes_nothing(engine, loaded):
     cancel = threading.Event()
     cancel.set()
-    result = engine.generate(ids(loaded, PROMPTS[0]), GenerationParams(10), lambda s: None, cancel)
+    result = engine.generate(ids(loaded, PROMPTS[0]), SamplingParams(10), lambda s: None, cancel)
     assert (result.finish_reason, result.completion_tokens, result.text) == ("cancelled", 0, "")
 
 
 def test_temperature_samples_per_request(each_dtype):
     engine, loaded = each_dtype, each_dtype.loaded
     greedy = run(engine, loaded, PROMPTS[5], n=20).text
-    futures = [engine.submit(ids(loaded, PROMPTS[5]), GenerationParams(20, temperature=1.5), lambda s: None)
+    futures = [engine.submit(ids(loaded, PROMPTS[5]), SamplingParams(20, temperature=1.5), lambda s: None)
                for _ in range(4)]
-    futures.append(engine.submit(ids(loaded, PROMPTS[5]), GenerationParams(20), lambda s: None))
+    futures.append(engine.submit(ids(loaded, PROMPTS[5]), SamplingParams(20), lambda s: None))
     texts = [f.result(120).text for f in futures]
     assert texts[-1] == greedy  # a greedy row beside sampled rows stays greedy
     assert any(t != greedy for t in texts[:-1])
@@ -312,48 +313,48 @@ def test_a_long_prompt_computed_in_pieces_decodes_as_it_would_alone(each_dtype):
     long_ids = bicycle_conversation(loaded, "Bicycles appeared in the nineteenth century. " * 30)
     assert len(long_ids) - len(engine.prefix) > 2 * PREFILL_CHUNK
     assert len(long_ids) - len(engine.prefix) > engine.prefill_tokens_per_pass  # more than one pass
-    alone_long = engine.generate(long_ids, GenerationParams(24), lambda s: None).text
+    alone_long = engine.generate(long_ids, SamplingParams(24), lambda s: None).text
     alone_short = [run(engine, loaded, p).text for p in PROMPTS[:3]]
-    futures = [engine.submit(ids(loaded, p), GenerationParams(24), lambda s: None) for p in PROMPTS[:3]]
-    futures.append(engine.submit(long_ids, GenerationParams(24), lambda s: None))
+    futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS[:3]]
+    futures.append(engine.submit(long_ids, SamplingParams(24), lambda s: None))
     assert [f.result(120).text for f in futures] == [*alone_short, alone_long]
 
 
 def test_more_requests_than_slots_all_finish(engine, loaded):
-    futures = [engine.submit(ids(loaded, PROMPTS[i % 8]), GenerationParams(4), lambda s: None) for i in range(20)]
+    futures = [engine.submit(ids(loaded, PROMPTS[i % 8]), SamplingParams(4), lambda s: None) for i in range(20)]
     assert [f.result(120).completion_tokens for f in futures] == [4] * 20 or all(
         f.result().finish_reason in ("stop", "length") for f in futures)
 
 
 def test_prompt_too_long_for_the_cache_is_refused(engine):
     with pytest.raises(ValueError):
-        engine.submit(list(range(100, 100 + engine.max_tokens)), GenerationParams(4), lambda s: None)
+        engine.submit(list(range(100, 100 + engine.max_tokens)), SamplingParams(4), lambda s: None)
 
 
 def test_a_stopped_engine_refuses_and_fails_what_waited(loaded):
     eng = BatchingEngine(loaded, max_batch=2, max_tokens=256).start()
     eng.stop()
     with pytest.raises(RuntimeError):
-        eng.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
+        eng.submit(ids(loaded, PROMPTS[0]), SamplingParams(4), lambda s: None)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_anything_runs(engine):
     steps = engine.steps
     for bad in ([10**7] * 5, [5, -1]):
         with pytest.raises(ValueError, match="token ids"):
-            engine.submit(bad, GenerationParams(4), lambda s: None)
+            engine.submit(bad, SamplingParams(4), lambda s: None)
     assert engine.steps == steps
 
 
 def test_a_failing_pass_fails_its_requests_and_the_engine_serves_on(engine, loaded):
-    plan = engine.cache.plan
+    plan = engine.runner.cache.plan
 
     def broken(*args):
-        engine.cache.plan = plan  # fails once
+        engine.runner.cache.plan = plan  # fails once
         raise RuntimeError("pass failed")
 
-    engine.cache.plan = broken
-    failed = engine.submit(ids(loaded, PROMPTS[0]), GenerationParams(4), lambda s: None)
+    engine.runner.cache.plan = broken
+    failed = engine.submit(ids(loaded, PROMPTS[0]), SamplingParams(4), lambda s: None)
     with pytest.raises(RuntimeError, match="pass failed"):  # the pass's own error, not a timeout
         failed.result(60)
     assert "Paris" in run(engine, loaded, PROMPTS[0]).text
@@ -365,7 +366,50 @@ def test_prompts_with_and_without_the_cached_prefix_decode_as_they_would_alone(e
     other = "You answer in one short sentence."  # another system prompt: the whole prompt is computed
     prompts = [ids(loaded, p) for p in PROMPTS[:3]] + [ids(loaded, p, other) for p in PROMPTS[:3]]
     assert all(p[:len(engine.prefix)] != engine.prefix for p in prompts[3:])
-    alone = [engine.generate(p, GenerationParams(24), lambda s: None).text for p in prompts]
-    together = [f.result(120).text for f in [engine.submit(p, GenerationParams(24), lambda s: None) for p in prompts]]
+    alone = [engine.generate(p, SamplingParams(24), lambda s: None).text for p in prompts]
+    together = [f.result(120).text for f in [engine.submit(p, SamplingParams(24), lambda s: None) for p in prompts]]
     assert together == alone
     assert "Paris" in alone[0]
+
+
+LONG_QUESTION = ("I am planning a long cycling trip along the rivers of Europe next summer, starting in the "
+                 "Netherlands and riding south through Germany, Switzerland and France over about six weeks. "
+                 "I have a steel touring bicycle, panniers, a small tent and a stove, but I have never ridden "
+                 "more than two days in a row. What should I think about before I go, how should I train in the "
+                 "months before, and what should I carry so that I can fix the bicycle by myself on the road? I would "
+                 "also like to know how to plan the route: whether to follow the marked long-distance cycle paths "
+                 "or make my own way on small roads, how to find places to eat and shop for food, and whether I "
+                 "should book anything in advance or just ride each day as far as I feel like going.")
+FOLLOW_UP = ("Thank you. Now think about the weather: it may rain for days on end, and the mountain passes of "
+             "Switzerland can be cold even in July, while the south of France can be very hot. How should I "
+             "plan each day's distance, where should I sleep when the campsites are full, and how much water "
+             "and food should I carry between towns? Please also say what I should do if I fall ill.")
+
+
+def test_later_turns_that_start_from_the_kept_prompt_answer_as_they_would_computed_whole(each_dtype):
+    """Each turn's prompt starts with the turn before; the engine keeps that prompt's whole pieces and the next
+    turn computes only the rest. Its greedy text is the text of the same prompt computed whole (kept prompts
+    dropped first), in each dtype, alone and beside other requests; the template renders earlier turns alike."""
+    engine, loaded = each_dtype, each_dtype.loaded
+    engine.forget_kept()
+    prefix = len(engine.prefix)
+    history = [{"role": "user", "content": LONG_QUESTION}]
+    prompts = []
+    for turn, follow_up in enumerate([FOLLOW_UP, "Which of those matters most?", None]):
+        prompt = build_prompt_ids(loaded.tokenizer, SYSTEM, history, 512 - 24)
+        if prompts:
+            assert prompt[:len(prompts[-1])] == prompts[-1]  # the earlier turns are rendered alike
+        prompts.append(prompt)
+        beside = [engine.submit(ids(loaded, p), SamplingParams(30), lambda s: None) for p in PROMPTS[:3]] \
+            if turn == 2 else []
+        reused = engine.generate(prompt, SamplingParams(24), lambda s: None)
+        if turn:
+            assert reused.cached_tokens >= prefix + PREFILL_CHUNK  # started from the turn before
+        engine.forget_kept()
+        whole = engine.generate(prompt, SamplingParams(24), lambda s: None)
+        assert whole.cached_tokens == prefix  # only the system prompt's tokens
+        assert reused.text == whole.text and reused.finish_reason == whole.finish_reason
+        assert all(f.result(120).completion_tokens for f in beside)
+        if follow_up:
+            history += [{"role": "assistant", "content": reused.text}, {"role": "user", "content": follow_up}]
+    assert engine.kept_stats.hits >= 2
