@@ -170,10 +170,15 @@ def token_frame(request_id: str, seq: int, text: str) -> dict:
 
 
 def done_frame(request_id: str, message_id: str | None, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int, engine_first_token_ms: float | None = None) -> dict:
-    """``timing.engine_first_token_ms`` (optional): from the engine taking the request to its first token."""
+               completion_tokens: int, engine_first_token_ms: float | None = None,
+               cached_tokens: int | None = None) -> dict:
+    """``timing.engine_first_token_ms`` (optional): from the engine taking the request to its first token.
+    ``usage.prompt_tokens_details.cached_tokens`` (optional, as OpenAI's): prompt tokens the worker did not
+    compute, taken from keys and values it kept (the system prompt's, a conversation's earlier turns')."""
     frame = {"type": "done", "request_id": request_id, "message_id": message_id, "finish_reason": finish_reason,
              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+    if cached_tokens is not None:
+        frame["usage"]["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     if engine_first_token_ms is not None:
         frame["timing"] = {"engine_first_token_ms": round(engine_first_token_ms, 1)}
     return frame

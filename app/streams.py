@@ -1,4 +1,4 @@
-"""Token streams, cancel flags and worker heartbeats in Redis.
+"""Token streams, cancel flags, worker heartbeats and conversation affinity in Redis.
 
 Each request has a Redis Stream ``stream:<request_id>`` holding its `token`
 frames (seq 0, 1, 2, ...) and one final `done` frame, kept for a while after
@@ -26,6 +26,12 @@ CANCEL_PREFIX = "cancel:"
 WORKER_PREFIX = "worker:"
 # Per model queue: how many tasks workers have taken off it, ever (the web tier's admission reads its rate).
 TAKEN_PREFIX = "taken:"
+# Per conversation: the worker that served its last turn, which keeps that turn's prompt (workers/engine/prefix.py).
+AFFINITY_PREFIX = "affinity:"
+# Per worker: how many requests it holds now, counted by the worker as it takes and ends them.
+LOAD_PREFIX = "load:"
+# Per model queue: a set of the own queues of the workers that ever served it.
+OWN_QUEUES_PREFIX = "own-queues:"
 
 
 def stream_key(request_id: str) -> str:
@@ -213,3 +219,37 @@ def live_workers(client: redis.Redis, queue: str | None = None) -> list[dict]:
         return []
     beats = [json.loads(v) for v in client.mget(keys) if v]
     return beats if queue is None else [b for b in beats if b.get("queue") == queue]
+
+
+def own_queue(queue: str, worker: str) -> str:
+    """The queue only ``worker`` takes from: a conversation's next turn goes there, to the prompt it kept."""
+    return f"{queue}.{worker}"
+
+
+def route(client: redis.Redis, queue: str, conversation_id: str | None) -> str:
+    """Where a conversation's next turn goes: the own queue of the worker that served its last turn, while that
+    worker is alive, serves ``queue``, has a free slot and nothing waiting on its own queue; else ``queue``."""
+    worker = client.get(AFFINITY_PREFIX + conversation_id) if conversation_id else None
+    if not worker:
+        return queue
+    worker = worker.decode() if isinstance(worker, bytes) else worker
+    beat, load, waiting = client.pipeline(transaction=False).get(WORKER_PREFIX + worker).get(
+        LOAD_PREFIX + worker).llen(own_queue(queue, worker)).execute()
+    info = json.loads(beat) if beat else None
+    if info is None or info.get("queue") != queue or waiting or int(load or 0) >= int(info.get("slots", 1)):
+        return queue
+    return own_queue(queue, worker)
+
+
+def rescue_orphans(client: redis.Redis, queue: str) -> int:
+    """Put the tasks waiting on the own queues of workers that are gone back on ``queue`` (to be taken next);
+    how many. Any live worker may call it, at any time: each task moves once."""
+    moved = 0
+    for name in client.smembers(OWN_QUEUES_PREFIX + queue):
+        name = name.decode() if isinstance(name, bytes) else name
+        worker = name[len(queue) + 1:]
+        if client.exists(WORKER_PREFIX + worker):
+            continue
+        while client.lmove(name, queue, "RIGHT", "RIGHT") is not None:
+            moved += 1
+    return moved

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # Memory a worker keeps the prompts of finished requests in, for the next turn of their conversations to
     # compute only what is new; 0 turns the reuse off.
     prefix_cache_mb: float = Field(512, ge=0)
+    # How long the web tier sends a conversation's next turn to the worker that served its last (which kept its
+    # prompt), while that worker is alive and has room; 0 sends every turn to the model's shared queue.
+    affinity_ttl_s: int = Field(3600, ge=0)
     worker_concurrency: int = Field(0, ge=0)
     cpu_workers: int = Field(1, ge=1)
     gpus: str | None = Field(None, validation_alias=AliasChoices("CHAT_GPUS", "CUDA_VISIBLE_DEVICES"))

@@ -156,6 +156,8 @@ class Bench:
                 out["generate_alone"], out["engine_alone"] = generate, engine
         logger.info("What batch invariance costs the engine, in each dtype it picks on a CPU")
         out["invariance"] = {dtype: probe("invariance", 0, dtype) for dtype in DTYPES}
+        logger.info("Prompts kept across turns: a long conversation's turn 6 with and without")
+        out["reuse"] = probe("reuse", 0)
         self.start()
         try:
             w = self.workers("batching, 1 worker", 1)
@@ -382,12 +384,37 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+    lines += ["", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
               "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
               "", "![throughput and latency against offered load](benchmarks.png)", ""]
     return "\n".join(lines)
+
+
+def reuse_section(r: dict) -> list[str]:
+    on, off = r["load_on"], r["load_off"]
+    return [
+        "## Prompts kept across turns", "",
+        f"`python -m scripts.bench_probe reuse 0`: the engine alone (no stack), 16 slots, {r['dtype']}; one engine "
+        f"keeping prompts (`CHAT_PREFIX_CACHE_MB={r['prefix_cache_mb']:g}`), one not (`0`), nothing else changed, "
+        f"taken in turn, {r['rounds']} rounds, medians. Turn 6 of a conversation whose history is "
+        f"{r['history_tokens']} tokens (five turns, the model's own replies of up to 200 tokens); turn 5 served by "
+        "the same engine just before, as affinity sends it.", "",
+        "| time to first token | kept | computed whole | whole / kept | target |", "| --- | --- | --- | --- | --- |",
+        f"| turn 6, alone | {r['ttft_on_alone_ms']:.0f} ms | {r['ttft_off_alone_ms']:.0f} ms | "
+        f"{r['alone_off_over_on']:.2f}x | ≥ 5x: {_yes(r['alone_off_over_on'] >= 5)} |",
+        f"| turn 6, beside 15 chats decoding | {r['ttft_on_beside15_ms']:.0f} ms | {r['ttft_off_beside15_ms']:.0f} ms "
+        f"| {r['beside15_off_over_on']:.2f}x | ≥ 5x: {_yes(r['beside15_off_over_on'] >= 5)} |",
+        f"| first turns (short prompts), alone | {r['ttft_on_first_turn_ms']:.1f} ms | "
+        f"{r['ttft_off_first_turn_ms']:.1f} ms | {r['first_turn_off_over_on']:.2f}x | no slower: "
+        f"{_yes(r['first_turn_off_over_on'] >= 0.95)} (within 5%) |", "",
+        f"A mixed load: {on['chats']} conversations at once, {on['turns']} turns each of the short prompts, "
+        f"{NEW_TOKENS}-token replies. Kept: {on['hit_rate']:.0%} of prompts started from a kept one, "
+        f"{on['reused_share']:.0%} of all prompt tokens were taken rather than computed (short turns have few "
+        f"whole 128-token pieces); TTFT p50 of the later turns {on['later_ttft_p50_ms']:.0f} ms, against "
+        f"{off['later_ttft_p50_ms']:.0f} ms computed whole.",
+    ]
 
 
 def v1_section(out: dict) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -160,7 +161,7 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
 
         return {"dtype": str(eng.loaded.dtype).removeprefix("torch."), "dtype_reason": eng.loaded.dtype_reason,
                 "kernels": eng.loaded.kernels, "padded": eng.padded, "min_rows": min_rows,
-                "measured_at_start_s": round(eng.invariance_s, 2), "rounds": rounds,
+                "measured_at_start_s": round(eng.runner.invariance_s, 2), "rounds": rounds,
                 "itl_ms": {w: statistics.median(x) for w, x in itl.items()},
                 "batch16_tps": {w: statistics.median(x) for w, x in tps.items()},
                 "itl_as_run_over_unpadded": ratio(itl, "as_run", "unpadded"),
@@ -170,7 +171,120 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
         eng.stop()
 
 
+# The user's side of a six-turn conversation: between them, the model's own greedy replies.
+TURNS = [
+    "I am planning a long cycling trip along the rivers of Europe next summer, starting in the Netherlands and "
+    "riding south through Germany, Switzerland and France over about six weeks. I have a steel touring bicycle, "
+    "panniers, a small tent and a stove, but I have never ridden more than two days in a row. What should I think "
+    "about before I go?",
+    "How should I train in the months before the trip, with a full-time job and only the weekends free for long "
+    "rides? Please give me a plan week by week.",
+    "What tools and spare parts should I carry so that I can fix the bicycle by myself on the road, and which "
+    "repairs should I learn before I leave?",
+    "The weather worries me: it may rain for days on end, the mountain passes can be cold even in July, and the "
+    "south of France can be very hot. How should I plan each day's distance?",
+    "Where should I sleep when the campsites are full, and how much water and food should I carry between towns?",
+    "Thank you. Now put all of this together into a short checklist for the week before I leave.",
+]
+REPLY_TOKENS = 200  # each earlier reply: the six turns' history comes to about 1500 tokens
+
+
+def _conversation(eng) -> list[list[int]]:
+    """The prompts of the six turns, each reply the engine's own greedy answer to the turn before."""
+    tok, history, out = eng.loaded.tokenizer, [], []
+    for turn in TURNS:
+        history.append({"role": "user", "content": turn})
+        out.append(build_prompt_ids(tok, SYSTEM, history, eng.context_limit - NEW_TOKENS))
+        if len(out) < len(TURNS):
+            reply = eng.generate(out[-1], SamplingParams(REPLY_TOKENS), lambda _: None).text
+            history.append({"role": "assistant", "content": reply})
+    return out
+
+
+def _serve_turn_five(eng, prompt: list[int]) -> None:
+    """Turn 5 served by this engine, as affinity sends a conversation's turns: kept prompts of earlier rounds
+    dropped, its reply generated (greedy: the reply turn 6 holds), and the user reading it for a moment."""
+    eng.forget_kept()
+    eng.generate(prompt, SamplingParams(REPLY_TOKENS), lambda _: None)
+    time.sleep(1)
+
+
+def _ttft_beside(eng, prompt: list[int], others: list[list[int]]) -> float:
+    """Seconds to the first token of ``prompt`` submitted while ``others`` decode (cancelled after)."""
+    stop = threading.Event()
+    running = [eng.submit(ids, SamplingParams(1000), lambda _: None, stop) for ids in others]
+    while len(eng.scheduler.running) < len(others):  # every other one decoding
+        time.sleep(0.01)
+    first = eng.generate(prompt, SamplingParams(4), lambda _: None).first_token_s
+    stop.set()
+    for f in running:
+        f.result()
+    return first
+
+
+def _multi_turn_load(eng, chats: int = 16, turns: int = 4) -> dict:
+    """``chats`` conversations at once, each taking its turns in a row: time to first token of the later turns,
+    and how much of their prompts came from kept ones."""
+    kept = eng.kept_stats
+    before = (kept.lookups, kept.hits, kept.reused_tokens, kept.prompt_tokens)
+    later: list[float] = []
+
+    def chat(i: int) -> None:
+        history = []
+        for t in range(turns):
+            history.append({"role": "user", "content": f"{PROMPTS[(i + t) % len(PROMPTS)]} (visitor {i}, turn {t})"})
+            ids = build_prompt_ids(eng.loaded.tokenizer, SYSTEM, history, eng.context_limit - NEW_TOKENS)
+            result = eng.generate(ids, SamplingParams(NEW_TOKENS), lambda _: None)
+            if t:
+                later.append(result.first_token_s)
+            history.append({"role": "assistant", "content": result.text})
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(chats)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lookups, hits, reused, prompt = (a - b for a, b in zip(
+        (kept.lookups, kept.hits, kept.reused_tokens, kept.prompt_tokens), before))
+    return {"chats": chats, "turns": turns, "later_ttft_p50_ms": 1000 * statistics.median(later),
+            "hit_rate": hits / lookups if lookups else 0.0, "reused_share": reused / prompt if prompt else 0.0}
+
+
+def reuse(threads: int, rounds: str = "3") -> dict:
+    """Time to first token of turn 6 of a conversation of about 1500 tokens, with the worker keeping prompts
+    (CHAT_PREFIX_CACHE_MB as set, 512 by default) and without (0); alone and beside 15 chats decoding; first
+    turns; a multi-turn load's hit rate. Each round takes both engines in turn."""
+    mb = Settings().prefix_cache_mb or 512
+    engines = {way: BatchingEngine(loader(threads), max_batch=16, prefix_cache_mb=size,
+                                   shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+               for way, size in (("on", mb), ("off", 0))}
+    try:
+        convo = _conversation(engines["on"])
+        firsts = prompts(engines["on"].loaded)
+        others = firsts * 2
+        ttft = {f"{way}_{kind}": [] for way in engines for kind in ("alone", "beside15", "first_turn")}
+        for _ in range(int(rounds)):
+            for way, eng in engines.items():
+                _serve_turn_five(eng, convo[-2])
+                ttft[f"{way}_alone"].append(eng.generate(convo[-1], SamplingParams(4), lambda _: None).first_token_s)
+                _serve_turn_five(eng, convo[-2])
+                ttft[f"{way}_beside15"].append(_ttft_beside(eng, convo[-1], others[:15]))
+                ttft[f"{way}_first_turn"] += [eng.generate(ids, SamplingParams(4), lambda _: None).first_token_s
+                                              for ids in firsts]
+        out = {"prefix_cache_mb": mb, "history_tokens": len(convo[-1]), "rounds": int(rounds),
+               "dtype": str(engines["on"].loaded.dtype).removeprefix("torch."),
+               **{f"ttft_{k}_ms": 1000 * statistics.median(v) for k, v in ttft.items()}}
+        for kind in ("alone", "beside15", "first_turn"):
+            out[f"{kind}_off_over_on"] = out[f"ttft_off_{kind}_ms"] / out[f"ttft_on_{kind}_ms"]
+        out["load_on"] = _multi_turn_load(engines["on"])
+        out["load_off"] = _multi_turn_load(engines["off"])
+        return out
+    finally:
+        for eng in engines.values():
+            eng.stop()
+
+
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance}
+    probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance, "reuse": reuse}
     print(json.dumps(probes[what](threads, *sys.argv[3:])))

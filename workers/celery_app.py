@@ -11,7 +11,14 @@ import time
 
 import redis
 from celery import Celery
-from celery.signals import task_postrun, task_received, worker_init, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    task_postrun,
+    task_received,
+    worker_init,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from app import streams
 from app.storage import Store
@@ -41,10 +48,18 @@ def runtime():
     return _runtime["handler"]
 
 
+@celeryd_after_setup.connect
+def _own_queue(sender=None, instance=None, **_):
+    """Take tasks from this worker's own queue too: the next turns of the conversations it served last."""
+    if instance is not None and sender:
+        instance.app.amqp.queues.select_add(streams.own_queue(settings.queue, str(sender)))
+
+
 @worker_init.connect
 def _start(sender=None, **_):
     """Load the model in this process, after start-up, then say so every few seconds."""
     configure_logging(settings.log_level, settings.log_json)
+    from workers.affinity import Affinity
     from workers.engine import build_engine
     from workers.handler import RequestHandler
     from workers.leases import Leases
@@ -61,16 +76,19 @@ def _start(sender=None, **_):
     _runtime["engine"] = engine
     store = Store(settings.resolved_database_url, settings.resolved_replica_url,
                   pool_size=min(settings.resolved_worker_concurrency, 10) + 1)
+    name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
+    affinity = Affinity(redis_client, settings.queue, name, settings.affinity_ttl_s)
+    affinity.start()
     _runtime["handler"] = RequestHandler(
         store, functools.partial(streams.stream_events, redis_client),
         relay, CancelWatcher(redis_client), FinishedReplies(redis_client, settings.stream_ttl_s),
         engine, loaded.tokenizer, settings.system_prompt,
-        metrics_model=settings.model_id if settings.metrics else None)
+        metrics_model=settings.model_id if settings.metrics else None, affinity=affinity)
     if settings.metrics and settings.worker_metrics_port:
         metrics.serve(settings.worker_metrics_port, settings.resolved_bind)
     logger.info("%d long-lived objects taken out of full garbage collections", freeze_heap())
-    name = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
-    info = {"name": name, "queue": settings.queue, "model": settings.model_name, "device": str(loaded.device),
+    info = {"name": name, "queue": settings.queue, "own_queue": affinity.own_queue,
+            "slots": settings.max_batch if settings.engine == "batching" else 1, "model": settings.model_name, "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."), "dtype_reason": loaded.dtype_reason,
             "engine": settings.engine, "pid": os.getpid(), "since": time.time()}
     stop = threading.Event()
@@ -80,6 +98,7 @@ def _start(sender=None, **_):
         while not stop.is_set():
             try:
                 streams.beat(redis_client, name, info, ttl_s=3 * settings.worker_heartbeat_s)
+                affinity.rescue()  # tasks left on the own queue of a worker that is gone
             except Exception as exc:  # Redis away for a moment: try again next beat
                 logger.warning("Heartbeat failed: %s", exc)
             stop.wait(settings.worker_heartbeat_s)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from app.protocol import SamplingParams, done_frame, token_frame
 from app.storage import Store
 from workers import metrics
+from workers.affinity import Affinity
 from workers.metrics import Timing
 from workers.prompt import build_prompt_ids
 from workers.relay import CancelWatcher, FinishedReplies, TokenRelay
@@ -34,7 +35,7 @@ class RequestHandler:
 
     def __init__(self, store: Store, events: Callable[[str], list[dict]], relay: TokenRelay,
                  cancels: CancelWatcher, finished: FinishedReplies, engine, tokenizer, system_prompt: str,
-                 metrics_model: str | None = None):
+                 metrics_model: str | None = None, affinity: Affinity | None = None):
         self.store = store
         self.events = events
         self.relay = relay
@@ -43,6 +44,7 @@ class RequestHandler:
         self.engine = engine
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.affinity = affinity  # where this worker says which conversations it served; None: nowhere
         self.metrics_model = metrics_model  # the label of this worker's metrics; None: no metrics
         # Looked up once: one is observed per piece of text, on the engine's thread.
         self._itl = metrics.ITL.labels(metrics_model) if metrics_model else None
@@ -62,9 +64,20 @@ class RequestHandler:
         its stream is still empty: reading it is skipped, a round trip less
         before the first token.
         """
+        if self.affinity is None:
+            return self._handle(request_id, repeat)
+        self.affinity.took()
+        try:
+            return self._handle(request_id, repeat)
+        finally:
+            self.affinity.ended()
+
+    def _handle(self, request_id: str, repeat: bool) -> str:
         if self._handing_back.is_set():
             raise HandedBack(request_id)
         req = self.store.prompt_request(request_id)
+        if req is not None and self.affinity is not None:
+            self.affinity.serves(req.conversation_id)  # before any reply: the next turn may come at once
         if req is None:
             # Its conversation was deleted while it waited: nothing to answer.
             logger.info("Request %s has no conversation any more; dropped", request_id)
@@ -158,8 +171,9 @@ class RequestHandler:
                                             "completion_tokens": completion_tokens,
                                             "first_token_ms": first_token_ms})
             raise
+        cached = timing.cached_tokens if timing is not None else None
         self.relay.send(request_id, done_frame(request_id, message_id, finish, prompt_tokens, completion_tokens,
-                                               first_token_ms), wait=True)
+                                               first_token_ms, cached), wait=True)
         if self.metrics_model is not None:
             metrics.observe_served(self.metrics_model, timing, time.time() - accepted_at if accepted_at else None,
                                    finish, prompt_tokens, completion_tokens)

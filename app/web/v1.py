@@ -308,4 +308,7 @@ def _event(data: dict) -> str:
 
 def _usage(done: dict) -> dict:
     prompt, completion = done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if "prompt_tokens_details" in done["usage"]:
+        usage["prompt_tokens_details"] = done["usage"]["prompt_tokens_details"]
+    return usage

@@ -128,7 +128,8 @@ class Connection:
             raise ProtocolError(ErrorCode.NOT_FOUND, "no such conversation") from None
         if accepted.created:
             if not self.svc.queue.submit(self.svc.store, accepted.request_id,
-                                         drop_conversation=frame.conversation_id is None):
+                                         drop_conversation=frame.conversation_id is None,
+                                         conversation_id=frame.conversation_id):
                 raise ProtocolError(ErrorCode.UNAVAILABLE, UNAVAILABLE)
             # Counted after the push, which is what a worker waits for: the others on the queue.
             depth = max(self.svc.queue.depth() - 1, 0)

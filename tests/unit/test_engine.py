@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -379,7 +380,9 @@ LONG_QUESTION = ("I am planning a long cycling trip along the rivers of Europe n
                  "months before, and what should I carry so that I can fix the bicycle by myself on the road? I would "
                  "also like to know how to plan the route: whether to follow the marked long-distance cycle paths "
                  "or make my own way on small roads, how to find places to eat and shop for food, and whether I "
-                 "should book anything in advance or just ride each day as far as I feel like going.")
+                 "should book anything in advance or just ride each day as far as I feel like going. My budget is about "
+                 "forty euros a day, I speak some German but no French, and I would like to visit a few old towns "
+                 "and castles on the way without riding on busy main roads.")
 FOLLOW_UP = ("Thank you. Now think about the weather: it may rain for days on end, and the mountain passes of "
              "Switzerland can be cold even in July, while the south of France can be very hot. How should I "
              "plan each day's distance, where should I sleep when the campsites are full, and how much water "
@@ -387,29 +390,40 @@ FOLLOW_UP = ("Thank you. Now think about the weather: it may rain for days on en
 
 
 def test_later_turns_that_start_from_the_kept_prompt_answer_as_they_would_computed_whole(each_dtype):
-    """Each turn's prompt starts with the turn before; the engine keeps that prompt's whole pieces and the next
-    turn computes only the rest. Its greedy text is the text of the same prompt computed whole (kept prompts
-    dropped first), in each dtype, alone and beside other requests; the template renders earlier turns alike."""
+    """Each turn's prompt starts with the turn before; the engine keeps that prompt's whole pieces, computes the
+    reply's again as a prompt's once the turn is over, and the next turn computes only the rest. Its greedy text
+    is the text of the same prompt computed whole (kept prompts dropped first), in each dtype, alone and beside
+    other requests; the template renders earlier turns alike."""
     engine, loaded = each_dtype, each_dtype.loaded
     engine.forget_kept()
     prefix = len(engine.prefix)
     history = [{"role": "user", "content": LONG_QUESTION}]
-    prompts = []
+    prompts, replies_kept = [], 0
     for turn, follow_up in enumerate([FOLLOW_UP, "Which of those matters most?", None]):
-        prompt = build_prompt_ids(loaded.tokenizer, SYSTEM, history, 512 - 24)
+        prompt = build_prompt_ids(loaded.tokenizer, SYSTEM, history, 512 - 40)
         if prompts:
             assert prompt[:len(prompts[-1])] == prompts[-1]  # the earlier turns are rendered alike
         prompts.append(prompt)
         beside = [engine.submit(ids(loaded, p), SamplingParams(30), lambda s: None) for p in PROMPTS[:3]] \
             if turn == 2 else []
-        reused = engine.generate(prompt, SamplingParams(24), lambda s: None)
+        wait_until_kept(engine)
+        reused = engine.generate(prompt, SamplingParams(40), lambda s: None)
         if turn:
             assert reused.cached_tokens >= prefix + PREFILL_CHUNK  # started from the turn before
+            replies_kept += reused.cached_tokens > len(prompts[-2])  # and from its reply
         engine.forget_kept()
-        whole = engine.generate(prompt, SamplingParams(24), lambda s: None)
+        whole = engine.generate(prompt, SamplingParams(40), lambda s: None)
         assert whole.cached_tokens == prefix  # only the system prompt's tokens
         assert reused.text == whole.text and reused.finish_reason == whole.finish_reason
         assert all(f.result(120).completion_tokens for f in beside)
         if follow_up:
             history += [{"role": "assistant", "content": reused.text}, {"role": "user", "content": follow_up}]
-    assert engine.kept_stats.hits >= 2
+    assert engine.kept_stats.hits >= 2 and replies_kept >= 1
+
+
+def wait_until_kept(engine, timeout: float = 60) -> None:
+    """Until no finished turn's reply is being computed again to be kept."""
+    deadline = time.monotonic() + timeout
+    while engine.scheduler.keepers:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

@@ -60,16 +60,16 @@ def request(prompt: list[int], max_new: int, max_tokens: int = 512) -> Request:
     return Request(prompt, SamplingParams(max_new), budget=min(max_new, max_tokens - len(prompt)))
 
 
-def check(plan: StepPlan, sched: Scheduler, started: dict[int, int]) -> None:
+def check(plan: StepPlan, sched: Scheduler) -> None:
     """The rules every plan keeps."""
     assert [r.row for r in plan.decode] == list(range(len(plan.decode)))
     assert list(plan.spans) == sorted(plan.spans, reverse=True)
     assert all(span == span_of(r.length, sched.max_tokens) for r, span in zip(plan.decode, plan.spans))
-    rows = [r.row for r in sched.running + sched.filling]
+    rows = [r.row for r in sched.running + sched.filling + sched.keepers]
     assert len(rows) == len(set(rows)) and all(0 <= r < sched.slots for r in rows)
     assert len(rows) <= sched.slots
     for chunk in plan.chunks:  # cut at fixed places from where the prompt's computation started
-        assert (chunk.first - started[id(chunk.request)]) % PREFILL_CHUNK == 0
+        assert (chunk.first - chunk.request.origin) % PREFILL_CHUNK == 0
         assert 1 <= chunk.length <= PREFILL_CHUNK
     if len(plan.chunks) > 1:
         assert sum(c.length for c in plan.chunks) <= sched.prefill_tokens_per_pass
@@ -96,20 +96,17 @@ def test_plans_keep_every_row_of_the_cache_true_to_its_request_and_every_request
         elif with_prefix:
             prompt = PREFIX + prompt
         pending.append(request(prompt, max_new))
-    finished, started = {}, {}
+    finished = {}
     for _ in range(5000):
         if pending and rng.random() < 0.5:
             sched.add(pending.pop(0))
         if rng.random() < 0.1 and (sched.running or sched.filling):
             rng.choice(sched.running + sched.filling).cancelled.set()
-        for req in sched.waiting:
-            started.setdefault(id(req), len(PREFIX) if req.prompt_ids[:len(PREFIX)] == PREFIX
-                               and len(req.prompt_ids) > len(PREFIX) else 0)
         plan = sched.schedule()
         for req in plan.unstarted:
             assert id(req) not in finished
             finished[id(req)] = "cancelled"
-        check(plan, sched, started)
+        check(plan, sched)
         cache.run(plan)
         if plan.empty:
             if not pending and not sched.waiting and not sched.busy:
@@ -230,3 +227,56 @@ def test_a_prompt_done_in_a_row_above_a_later_one_still_in_its_rows_exchanges_pl
     assert sched.running == [b, c] and (b.row, c.row) == (0, 1)
     plan, _ = step()  # the simulated cache checks that each row holds its request's tokens
     assert plan.cache_ops == (Swap(1, 0, 600),) and plan.decode == (b, c)
+
+
+def test_a_reply_that_adds_whole_pieces_is_computed_again_as_a_prompt_in_a_free_row_and_kept_with_it():
+    sched = Scheduler(2, 1024, 256, frozenset({EOS}), kept=PrefixIndex(10_000))
+    cache = SimulatedCache(4, 2)
+    first = request(list(range(100, 200)), 40, 1024)  # 100 prompt tokens: no whole piece, until the reply's
+    sched.add(first)
+
+    def step():
+        plan = sched.schedule()
+        cache.run(plan)
+        sched.update(plan, [50 + len(first.output_ids)] * (len(plan.decode) + len(plan.completing())))
+        return plan
+
+    while first.finish_reason is None:
+        step()
+    assert len(first.output_ids) == 40 and sched.keepers  # 140 tokens: one whole piece, mostly prompt
+    [keeper] = sched.keepers
+    assert keeper.keep_only and keeper.prompt_ids == (first.prompt_ids + first.output_ids)[:128]
+    plan = step()
+    assert plan.cache_ops == (Move(0, keeper.row, 0),)  # no whole piece of the prompt alone to keep first
+    assert [(c.request, c.first, c.length, c.completes) for c in plan.chunks] == [(keeper, 0, 128, False)]
+    assert plan.pieces()[0].last is False and not plan.completing()
+    plan = step()
+    assert plan.cache_ops == (Save(keeper.row, 0, 128),) and not sched.keepers and not sched.busy
+    turn = request(first.prompt_ids + first.output_ids + [7] * 30, 5, 1024)
+    sched.add(turn)
+    plan = step()
+    assert plan.cache_ops == (Load(0, 0, 128),) and turn.reused == 128
+
+
+def test_a_request_takes_the_row_of_a_reply_being_computed_again_which_keeps_what_it_has():
+    sched = Scheduler(1, 1024, 256, frozenset({EOS}), kept=PrefixIndex(10_000))
+    first = request(list(range(100, 200)), 40, 1024)
+    sched.add(first)
+    while first.finish_reason is None:
+        plan = sched.schedule()
+        sched.update(plan, [60] * (len(plan.decode) + len(plan.completing())))
+    assert not sched.keepers  # the only row was its own: nothing free to compute the reply in
+    sched = Scheduler(2, 1024, 128, frozenset({EOS}), kept=PrefixIndex(10_000))
+    first, other = request(list(range(100, 400)), 300, 1024), request([9] * 5, 1, 1024)
+    sched.add(first)
+    while first.finish_reason is None:
+        plan = sched.schedule()
+        sched.update(plan, [60] * (len(plan.decode) + len(plan.completing())))
+    [keeper] = sched.keepers  # 600 tokens: the pieces at 256 and 384 to compute again, one a pass
+    plan = sched.schedule()
+    sched.update(plan, [])
+    assert keeper.filled == 384 and sched.keepers
+    sched.add(other), sched.add(request([9] * 6, 1, 1024))
+    plan = sched.schedule()  # the second request needs the keeper's row: the keeper keeps its 384 tokens
+    assert Save(keeper.row, 1, 384) in plan.cache_ops and not sched.keepers
+    assert len(sched.filling) == 2

@@ -10,8 +10,9 @@ same places, so greedy text with reuse is bit for bit the text without it.
 A reply's tokens were computed one at a time while decoding, with other
 arithmetic than a prompt piece, so they are computed again in the next turn.
 
-Entries are token-exact: a prompt uses an entry only if it starts with all of
-the entry's tokens. Memory is bounded by a number of tokens; the least
+Entries are token-exact: a prompt uses the whole pieces of an entry that it
+starts with, as far as the two agree token for token (a reply's text, tokenized
+again in the next prompt, may split otherwise than it was generated). Memory is bounded by a number of tokens; the least
 recently used entries go first, and an entry that a longer one extends goes at
 once (the next turn's entry holds all of it).
 """
@@ -49,15 +50,17 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: list[int], least: int) -> tuple[int, int] | None:
-        """The longest kept entry that ``prompt`` starts with and that leaves a token of it to compute, if longer
-        than ``least`` tokens (what the prompt has without it): (entry id, its length)."""
+    def lookup(self, prompt: list[int], origin: int, piece: int) -> tuple[int, int] | None:
+        """The kept entry that shares the most tokens with the start of ``prompt``, and how many of them to take:
+        whole pieces of ``piece`` tokens counted from ``origin`` (where the prompt's pieces are cut), more than
+        ``origin`` and leaving at least one token of the prompt to compute. None where no entry gives any."""
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(prompt)
         best = None
         for entry_id, tokens in self._entries.items():
-            n = len(tokens)
-            if least < n < len(prompt) and (best is None or n > best[1]) and prompt[:n] == tokens:
+            shared = _shared(prompt, tokens, len(prompt) - 1)
+            n = origin + (shared - origin) // piece * piece
+            if n > origin and (best is None or n > best[1]):
                 best = (entry_id, n)
         if best is not None:
             self._entries.move_to_end(best[0])
@@ -94,3 +97,18 @@ class PrefixIndex:
         self._entries[entry_id] = list(tokens)
         self.stats.entries, self.stats.tokens = len(self._entries), held + len(tokens)
         return entry_id, dropped
+
+
+def _shared(a: list[int], b: list[int], most: int) -> int:
+    """How many tokens ``a`` and ``b`` share from the start, at most ``most``."""
+    n = min(len(a), len(b), most)
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

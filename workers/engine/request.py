@@ -75,6 +75,7 @@ class Request:
     filled: int = 0  # prompt tokens in that row so far (reused or computed)
     origin: int = 0  # where the computation of its prompt's pieces starts: after the shared prefix, if it has it
     reused: int = 0  # prompt tokens it took from the shared prefix or a kept prompt, not computed
+    keep_only: bool = False  # a finished turn's reply computed again to be kept: no token is generated
     output_ids: list[int] = field(default_factory=list)
     first_token_s: float | None = None
     finish_reason: str | None = None  # stop | length, once decided; a cancelled request leaves without one

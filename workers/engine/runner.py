@@ -163,7 +163,7 @@ class ModelRunner:
         """Compute the shared prefix into its row, where there is room; whether it was."""
         if not 0 < len(prefix) < self.max_tokens // 2:
             return False
-        self.forward([], [PromptPiece(prefix, self.prefix_row, first, min(PREFILL_CHUNK, len(prefix) - first))
+        self.forward([], [PromptPiece(prefix, self.prefix_row, first, min(PREFILL_CHUNK, len(prefix) - first), False)
                           for first in range(0, len(prefix), PREFILL_CHUNK)])
         return True
 
@@ -205,7 +205,7 @@ class ModelRunner:
         prompts = [text[i:i + length] for i, length in enumerate(lengths)]
         rows = [DecodeRow(length, text[i + length], span_of(length, self.max_tokens))
                 for i, length in enumerate(lengths)]
-        prefilled = [self.forward([], [PromptPiece(p, row, 0, len(p))])[0] for row, p in enumerate(prompts)]
+        prefilled = [self.forward([], [PromptPiece(p, row, 0, len(p), True)])[0] for row, p in enumerate(prompts)]
         together = self.forward(rows, [])[:n]
         alike = True
         for row in range(n):
@@ -214,11 +214,11 @@ class ModelRunner:
             alike &= torch.equal(self.forward(rows[row:row + 1], [])[0], together[row])
             if row:
                 self.cache.swap(0, row, max(lengths) + 1)
-        beside = self.forward(rows[:-1], [PromptPiece(prompts[-1], n - 1, 0, lengths[-1])])
+        beside = self.forward(rows[:-1], [PromptPiece(prompts[-1], n - 1, 0, lengths[-1], True)])
         return alike and torch.equal(beside[:n - 1], together[:n - 1]) and torch.equal(beside[n - 1], prefilled[-1])
 
     def forward(self, decoding: list[DecodeRow], pieces: list[PromptPiece]) -> torch.Tensor:
-        """One forward pass; the logits of each decoding row, then of each prompt whose last piece this is.
+        """One forward pass; the logits of each decoding row, then of each piece that is its prompt's ``last``.
 
         ``decoding`` are cache rows 0, 1, ... in order.
         """
@@ -243,7 +243,7 @@ class ModelRunner:
             rows += [self.scratch_row] * pad
             positions += [template.length] * pad
         chunks = []
-        for prompt, row, first, length in pieces:
+        for prompt, row, first, length, last in pieces:
             stop = first + length
             # Each of the piece's tokens attends over its row up to itself; built once for every layer.
             causal = torch.arange(stop, device=dev)[None, :] <= torch.arange(first, stop, device=dev)[:, None]
@@ -251,7 +251,7 @@ class ModelRunner:
             tokens += prompt[first:stop]
             rows += [row] * length
             positions += range(first, stop)
-            if stop == len(prompt):
+            if last:
                 keep.append(len(tokens) - 1)
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))

@@ -89,11 +89,13 @@ class DecodeRow(NamedTuple):
 
 
 class PromptPiece(NamedTuple):
-    """Prompt tokens ``first`` to ``first + length`` of ``tokens``, computed into cache row ``row``."""
+    """Prompt tokens ``first`` to ``first + length`` of ``tokens``, computed into cache row ``row``; ``last``: the
+    prompt's last piece, whose last token's logits give the request's first token."""
     tokens: list[int]
     row: int
     first: int
     length: int
+    last: bool
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ class Chunk:
     request: Request
     first: int
     length: int
+
+    @property
+    def completes(self) -> bool:
+        """The last piece of a request's prompt (not of a reply computed again to be kept: no token follows)."""
+        return not self.request.keep_only and self.first + self.length == len(self.request.prompt_ids)
 
 
 @dataclass(frozen=True)
@@ -122,11 +129,11 @@ class StepPlan:
         return [DecodeRow(r.length, r.last_token, span) for r, span in zip(self.decode, self.spans)]
 
     def pieces(self) -> list[PromptPiece]:
-        return [PromptPiece(c.request.prompt_ids, c.request.row, c.first, c.length) for c in self.chunks]
+        return [PromptPiece(c.request.prompt_ids, c.request.row, c.first, c.length, c.completes) for c in self.chunks]
 
     def completing(self) -> list[Request]:
         """The requests whose last prompt piece this pass computes: their first token comes from it."""
-        return [c.request for c in self.chunks if c.first + c.length == len(c.request.prompt_ids)]
+        return [c.request for c in self.chunks if c.completes]
 
 
 @dataclass
@@ -157,11 +164,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.filling: list[Request] = []  # first come first
         self.running: list[Request] = []  # running[i] decodes in cache row i
+        # Finished conversations' turns whose replies are computed again as prompt pieces, to be kept whole
+        # (see _keep); each holds a free row, given up for any request that needs it.
+        self.keepers: list[Request] = []
         self._ops: list[CacheOp] = []  # moves decided since the last plan
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.filling)
+        return bool(self.running or self.filling or self.keepers)
 
     @property
     def has_room(self) -> bool:
@@ -173,14 +183,15 @@ class Scheduler:
     def abort(self) -> list[Request]:
         """Drop every request (a failed pass): they are returned for the caller to fail."""
         reqs = self.running + self.filling + list(self.waiting)
-        self.running, self.filling = [], []
+        self.running, self.filling, self.keepers = [], [], []
         # Moves decided but not made are void; kept prompts may be half saved: forget them all.
         self._ops = [Drop(entry) for entry in self.kept.clear()]
         self.waiting.clear()
         return reqs
 
     def forget_kept(self) -> None:
-        """Drop every kept prompt (their memory is freed by the next plan)."""
+        """Drop every kept prompt (their memory is freed by the next plan), and the replies being computed again."""
+        self.keepers = []
         self._ops += [Drop(entry) for entry in self.kept.clear()]
 
     def span(self, length: int) -> int:
@@ -204,6 +215,8 @@ class Scheduler:
         out = StepOutput()
         for chunk in plan.chunks:
             chunk.request.filled = chunk.first + chunk.length
+        for keeper in [k for k in self.keepers if k.prompt_done]:
+            self._keep_computed(keeper)
         completing = plan.completing()
         rows = len(plan.decode)
         for req, token in zip(plan.decode, tokens[:rows]):
@@ -226,10 +239,12 @@ class Scheduler:
             if req.cancelled.is_set():
                 unstarted.append(req)
                 continue
-            taken = {r.row for r in self.filling}
+            if len(self.running) + len(self.filling) + len(self.keepers) >= self.slots:
+                self._keep_computed(self.keepers[0])  # a request before a reply computed again: keep what is done
+            taken = {r.row for r in self.filling + self.keepers}
             req.row = next(s for s in range(len(self.running), self.slots) if s not in taken)
             req.origin = req.filled = self._cached_prefix_len(req.prompt_ids)
-            hit = self.kept.lookup(req.prompt_ids, req.origin) if self.kept.enabled else None
+            hit = self.kept.lookup(req.prompt_ids, req.origin, PREFILL_CHUNK) if self.kept.enabled else None
             if hit is not None:
                 entry, req.filled = hit
                 self._ops.append(Load(entry, req.row, req.filled))
@@ -254,6 +269,13 @@ class Scheduler:
                 chunks.append(Chunk(req, first, length))
                 room -= length
                 first += length
+        # Replies computed again take only what the pass has left, a whole piece at a time.
+        for keeper in self.keepers:
+            for first in range(keeper.filled, len(keeper.prompt_ids), PREFILL_CHUNK):
+                if room < PREFILL_CHUNK:
+                    return chunks
+                chunks.append(Chunk(keeper, first, PREFILL_CHUNK))
+                room -= PREFILL_CHUNK
         return chunks
 
     def _order_rows(self) -> list[int]:
@@ -277,24 +299,51 @@ class Scheduler:
             i = max(j, 1)
         return spans
 
+    def _whole(self, origin: int, length: int) -> int:
+        """The end of the last whole piece of ``length`` tokens whose pieces are cut from ``origin``."""
+        return origin + (length - origin) // PREFILL_CHUNK * PREFILL_CHUNK
+
     def _keep(self, req: Request) -> None:
-        """Keep the whole pieces of a leaving request's prompt, from its row, for a later prompt that starts so."""
+        """Keep the whole pieces of a leaving request's prompt, from its row, for a later prompt that starts so.
+
+        Its reply's keys and values were computed while decoding, one token at a time, with other arithmetic
+        than a prompt piece: the conversation's next prompt, computed whole, would not give the same. So where
+        the reply adds whole pieces and a row is free, those pieces are computed again as a prompt's would be
+        (a keeper, in passes with prefill room to spare) and the longer prompt is kept once they are in.
+        """
         if not self.kept.enabled:
             return
-        whole = req.origin + (len(req.prompt_ids) - req.origin) // PREFILL_CHUNK * PREFILL_CHUNK
-        if whole <= req.origin:
-            return
-        entry, dropped = self.kept.insert(req.prompt_ids[:whole])
+        whole = self._whole(req.origin, len(req.prompt_ids))
+        if whole > req.origin:
+            self._save(req.row, req.prompt_ids[:whole])
+        tokens = req.prompt_ids + req.output_ids
+        longer = self._whole(req.origin, len(tokens))
+        taken = {r.row for r in self.running + self.filling + self.keepers}
+        free = next((s for s in range(self.slots) if s not in taken), None)
+        if (longer > whole and free is not None and longer <= self.kept.capacity_tokens
+                and self.prefill_tokens_per_pass >= PREFILL_CHUNK):
+            self._ops.append(Move(req.row, free, whole))
+            self.keepers.append(Request(tokens[:longer], req.params, 0, row=free, filled=whole, origin=req.origin,
+                                        keep_only=True))
+
+    def _keep_computed(self, keeper: Request) -> None:
+        """Keep what a keeper has computed (all of it, or as far as it got) and free its row."""
+        self.keepers.remove(keeper)
+        if keeper.filled > keeper.origin:
+            self._save(keeper.row, keeper.prompt_ids[:keeper.filled])
+
+    def _save(self, row: int, tokens: list[int]) -> None:
+        entry, dropped = self.kept.insert(tokens)
         self._ops += [Drop(d) for d in dropped]
         if entry is not None:
-            self._ops.append(Save(req.row, entry, whole))
+            self._ops.append(Save(row, entry, len(tokens)))
 
     def _start_decoding(self, req: Request) -> None:
         """A request whose prompt is in takes the next decoding row (rows stay packed from 0)."""
         self.filling.remove(req)
         row = len(self.running)
         if req.row != row:
-            other = next((r for r in self.filling if r.row == row), None)
+            other = next((r for r in self.filling + self.keepers if r.row == row), None)
             if other is None:
                 self._ops.append(Move(req.row, row, len(req.prompt_ids)))
             else:
