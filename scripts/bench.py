@@ -22,7 +22,7 @@ import psutil
 import redis
 
 from config.settings import ROOT, Settings
-from scripts import loadgen, overload
+from scripts import loadgen, overload, peers
 from scripts.services import (
     PostgresPair,
     free_port,
@@ -128,6 +128,26 @@ class Bench:
         logger.info("Idle sockets: %s", result)
         return result
 
+    def peers(self, installed: list, dtype: str) -> dict:
+        """Each peer server alone (the stack's workers stopped), through its OpenAI-compatible API: C=1, 4, 16."""
+        out = {}
+        threads = self.base.torch_threads or os.cpu_count()
+        for peer in installed:
+            if peer.problem:
+                out[peer.name] = {"problem": peer.problem}
+                continue
+            try:
+                with peers.serving(peer, self.logs, threads, dtype) as url:
+                    self.load(f"{peer.name} warm-up", lambda: loadgen.closed_loop(url, 2, 4, 8, api="peer"))
+                    out[peer.name] = {"detail": peer.detail, **{
+                        f"c{c}": self.load(peer.name, lambda c=c, n=n: loadgen.closed_loop(url, c, self.n(n),
+                                                                                           NEW_TOKENS, api="peer"))
+                        for c, n in ((1, 8), (4, 16), (16, 48))}}
+            except Exception as exc:  # reported, not left out
+                logger.error("Peer %s: %s", peer.name, exc)
+                out[peer.name] = {"problem": f"did not start or serve: {exc}"}
+        return out
+
     def overload(self, c16: dict) -> dict:
         """Poisson arrivals at twice the saturated chats/s of the 16-chat run, for a bounded time."""
         capacity = _busy_tps(c16) / (c16["output_tokens"] / c16["completed"])
@@ -142,6 +162,8 @@ class Bench:
 
     def run(self) -> dict:
         out: dict = {}
+        logger.info("Peers: installed first (llama.cpp builds from source once), measured beside the stack")
+        installed = peers.install()
         logger.info("Gauge (raw forward pass), generate() and the engine, each in a process of its own")
         out["gauge_before"] = probe("gauge", 0)
         logger.info("CPU %s, bfloat16 flags %s: dtype %s (%s)", out["gauge_before"]["cpu_capability"],
@@ -192,6 +214,7 @@ class Bench:
                 self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
             w.stop()
+            out["peers"] = self.peers(installed, out["gauge_before"]["dtype"])
 
             # Metrics on against off: the same 16-chat load, alternated, a fresh worker each time.
             out["metrics_on_off"] = {"on": [], "off": []}
@@ -384,12 +407,50 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+    lines += ["", *peers_section(out), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
               "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
               "", "![throughput and latency against offered load](benchmarks.png)", ""]
     return "\n".join(lines)
+
+
+def peers_section(out: dict) -> list[str]:
+    """The stack against the peer servers started in this run, each alone on the machine."""
+    stack = out["stack"]
+    lines = ["## Peers, same run", "",
+             "Each peer alone (the stack's worker stopped), started by `make bench` from `.venv-peers` "
+             "(`scripts/peers.py`) and driven through its OpenAI-compatible API by the same load generator, "
+             f"greedy, {NEW_TOKENS} new tokens; the stack through `/ws` just before.", "",
+             "| server | C | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    ok = {name: p for name, p in out["peers"].items()
+          if "problem" not in p and all(p[f"c{c}"]["completed"] for c in (1, 4, 16))}
+    for name, runs in [("this stack (`/ws`)", stack), *((f"{n} ({p['detail']})", p) for n, p in ok.items())]:
+        for c in (1, 4, 16):
+            run = runs[f"c{c}"]
+            t, i = run["ttft_ms"], run["itl_ms"]
+            lines.append(f"| {name} | {c} | {run['tokens_per_s']} | {t['p50']} / {t['p99']} | {i['p50']} / {i['p99']} "
+                         f"| {run['errors']} |")
+    for name, p in out["peers"].items():
+        if "problem" in p:
+            lines += ["", f"- {name}: not measured here: {p['problem']}"]
+        elif name not in ok:
+            lines += ["", f"- {name}: started, but completed no request of some load (its log: `{name}.log`)"]
+    if not ok:
+        return lines
+    best_ttft = min(p["c16"]["ttft_ms"]["p50"] for p in ok.values())
+    lines += ["", "| figure | measured | target | met |", "| --- | --- | --- | --- |"]
+    for name, p in ok.items():
+        lines.append(f"| tok/s at 16 chats, stack / {name} | {stack['c16']['tokens_per_s'] / p['c16']['tokens_per_s']:.2f}x "
+                     f"| > 1x | {_yes(stack['c16']['tokens_per_s'] > p['c16']['tokens_per_s'])} |")
+    if "llama.cpp" in ok:
+        ratio = stack["c1"]["itl_ms"]["p50"] / ok["llama.cpp"]["c1"]["itl_ms"]["p50"]
+        lines.append(f"| lone ITL p50, stack / llama.cpp | {ratio:.2f}x | ≤ 1x (native bfloat16) | {_yes(ratio <= 1)} |")
+    ratio = stack["c16"]["ttft_ms"]["p50"] / best_ttft
+    lines.append(f"| TTFT p50 at 16 chats, stack / best peer ({best_ttft} ms) | {ratio:.2f}x | < 0.3x | "
+                 f"{_yes(ratio < 0.3)} |")
+    return lines
 
 
 def reuse_section(r: dict) -> list[str]:

@@ -110,6 +110,8 @@ def _one_sse(http: requests.Session, url: str, model: str, prompt: str, max_new_
                     sample.error = chunk["error"].get("code") or "error"
         if sample.done is None and sample.error is None:
             sample.error = "no finish"
+        if not sample.completion_tokens:  # a server that sends no usage: one token a chunk, as they stream
+            sample.completion_tokens = len(sample.token_times)
     except Exception as exc:
         sample.error = type(exc).__name__
     return sample
@@ -118,22 +120,24 @@ def _one_sse(http: requests.Session, url: str, model: str, prompt: str, max_new_
 def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int, label: str = "",
                 api: str = "ws", stagger_s: float = 0) -> Run:
     """``concurrency`` chats, each sending its next request when the last is done: over the WebSocket
-    (``api="ws"``) or streamed through the OpenAI-compatible API (``api="v1"``). ``stagger_s``: the i-th chat
-    starts i times this late, so that replies of one length do not start and end together in waves."""
-    token = guest_token(base_url)
+    (``api="ws"``), streamed through the OpenAI-compatible API (``api="v1"``), or through another server's
+    (``api="peer"``: no sign-in). ``stagger_s``: the i-th chat starts i times this late, so that replies of one
+    length do not start and end together in waves."""
+    token = guest_token(base_url) if api != "peer" else None
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     samples: list[Sample] = []
     lock = threading.Lock()
     counter = iter(range(total))
     model = None
-    if api == "v1":
-        models = requests.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    if api in ("v1", "peer"):
+        models = requests.get(base_url + "/v1/models", headers=auth, timeout=10)
         model = models.json()["data"][0]["id"]
 
     def client(i: int) -> None:
         time.sleep(i * stagger_s)
-        if api == "v1":
+        if api in ("v1", "peer"):
             http = requests.Session()
-            http.headers["Authorization"] = f"Bearer {token}"
+            http.headers.update(auth)
             one, close = (lambda p: _one_sse(http, base_url, model, p, max_new_tokens)), http.close
         else:
             ws = connect(base_url, token)
@@ -156,8 +160,8 @@ def closed_loop(base_url: str, concurrency: int, total: int, max_new_tokens: int
         t.start()
     for t in threads:
         t.join(900)
-    return Run(label, f"C={concurrency}" + (" /v1" if api == "v1" else ""), samples, time.perf_counter() - started,
-               concurrency)
+    return Run(label, f"C={concurrency}" + {"ws": "", "v1": " /v1", "peer": " OpenAI API"}[api], samples,
+               time.perf_counter() - started, concurrency)
 
 
 def poisson(base_url: str, rate: float, total: int, max_new_tokens: int, seed: int = 7, label: str = "") -> Run:

@@ -113,6 +113,8 @@ def test_a_resume_after_the_stream_expired_is_answered_from_the_stored_reply(sta
         r.close()
     again = client.ask({"type": "resume", "request_id": accepted["request_id"], "after_seq": 1})
     assert again["type"] == "done" and again["message_id"] == done["message_id"], again
-    assert again["finish_reason"] == done["finish_reason"] and again["usage"] == done["usage"]
+    assert again["finish_reason"] == done["finish_reason"]
+    # The stored reply has its token counts; what the worker took from kept keys and values is live only.
+    assert again["usage"] == {k: done["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
     assert again["content"] == "".join(t["text"] for t in tokens)
     assert client.ask({"type": "ping"}) == {"type": "pong"}
