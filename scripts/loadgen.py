@@ -103,7 +103,7 @@ def _one_sse(http: requests.Session, url: str, model: str, prompt: str, max_new_
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         sample.token_times.append(now)
-                    if choice["finish_reason"]:
+                    if choice.get("finish_reason"):  # some servers leave it out until the end
                         sample.done, sample.finish_reason = now, choice["finish_reason"]
                         sample.engine_first_token_ms = chunk.get("timing", {}).get("engine_first_token_ms")
                 if "error" in chunk:

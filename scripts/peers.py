@@ -87,10 +87,11 @@ def serving(peer: Peer, log_dir: Path, threads: int, dtype: str) -> Iterator[str
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if peer.name == "llama.cpp":
-        # Slots for 16 chats at once, each with the stack's context: llama.cpp's server splits n_ctx among them.
+        # It serves one request at a time; by default a new request interrupts the one streaming: queue them.
         argv = [str(_python()), "-m", "llama_cpp.server", "--model", str(GGUF), "--host", "127.0.0.1",
-                "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096", "--model_alias", "peer"]
-        peer.detail = f"`{GGUF.name}`, {threads} threads"
+                "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048", "--model_alias", "peer",
+                "--interrupt_requests", "False"]
+        peer.detail = f"`{GGUF.name}`, {threads} threads, one request at a time"
     else:
         argv = [str(VENV / "bin" / "transformers"), "serve", "--continuous-batching", "--device", "cpu",
                 "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), str(DEFAULT_MODEL_DIR)]
