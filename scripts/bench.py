@@ -102,8 +102,9 @@ class Bench:
     def load(self, label: str, fn) -> dict:
         summary = loadgen.summarize(fn())
         summary["label"] = label
-        logger.info("%-34s %-10s %6.1f tok/s  ttft p50 %s ms  itl p50 %s ms  errors %d", label, summary["offered"],
-                    summary["tokens_per_s"], summary["ttft_ms"]["p50"], summary["itl_ms"]["p50"], summary["errors"])
+        logger.info("%-34s %-10s %6.1f tok/s  ttft p50 %s ms  itl p50 %s ms  errors %d %s", label, summary["offered"],
+                    summary["tokens_per_s"], summary["ttft_ms"]["p50"], summary["itl_ms"]["p50"], summary["errors"],
+                    summary["error_kinds"] or "")
         if not label.endswith("warm-up"):
             self.runs.append(summary)
         return summary
@@ -461,13 +462,15 @@ def reuse_section(r: dict) -> list[str]:
         f"keeping prompts (`CHAT_PREFIX_CACHE_MB={r['prefix_cache_mb']:g}`), one not (`0`), nothing else changed, "
         f"taken in turn, {r['rounds']} rounds, medians. Turn 6 of a conversation whose history is "
         f"{r['history_tokens']} tokens (five turns, the model's own replies of up to 200 tokens); turn 5 served by "
-        "the same engine just before, as affinity sends it.", "",
+        "the same engine just before, as affinity sends it, and its reply computed again to be kept (the engine "
+        "does so when it has nothing else to do, one 128-token piece a pass: a request that comes meanwhile waits "
+        "that one pass at most).", "",
         "| time to first token | kept | computed whole | whole / kept | target |", "| --- | --- | --- | --- | --- |",
         f"| turn 6, alone | {r['ttft_on_alone_ms']:.0f} ms | {r['ttft_off_alone_ms']:.0f} ms | "
         f"{r['alone_off_over_on']:.2f}x | ≥ 5x: {_yes(r['alone_off_over_on'] >= 5)} |",
         f"| turn 6, beside 15 chats decoding | {r['ttft_on_beside15_ms']:.0f} ms | {r['ttft_off_beside15_ms']:.0f} ms "
         f"| {r['beside15_off_over_on']:.2f}x | ≥ 5x: {_yes(r['beside15_off_over_on'] >= 5)} |",
-        f"| first turns (short prompts), alone | {r['ttft_on_first_turn_ms']:.1f} ms | "
+        f"| first turns (short prompts), alone, the engine idle before each | {r['ttft_on_first_turn_ms']:.1f} ms | "
         f"{r['ttft_off_first_turn_ms']:.1f} ms | {r['first_turn_off_over_on']:.2f}x | no slower: "
         f"{_yes(r['first_turn_off_over_on'] >= 0.95)} (within 5%) |", "",
         f"A mixed load: {on['chats']} conversations at once, {on['turns']} turns each of the short prompts, "

@@ -207,6 +207,12 @@ def _serve_turn_five(eng, prompt: list[int]) -> None:
     eng.forget_kept()
     eng.generate(prompt, SamplingParams(REPLY_TOKENS), lambda _: None)
     time.sleep(1)
+    _until_kept(eng)
+
+
+def _until_kept(eng) -> None:
+    while eng.scheduler.keepers:
+        time.sleep(0.01)
 
 
 def _ttft_beside(eng, prompt: list[int], others: list[list[int]]) -> float:
@@ -269,6 +275,7 @@ def reuse(threads: int, rounds: str = "3") -> dict:
                 ttft[f"{way}_alone"].append(eng.generate(convo[-1], SamplingParams(4), lambda _: None).first_token_s)
                 _serve_turn_five(eng, convo[-2])
                 ttft[f"{way}_beside15"].append(_ttft_beside(eng, convo[-1], others[:15]))
+                _until_kept(eng)  # the cancelled chats' replies computed again: idle work, not a first turn's
                 ttft[f"{way}_first_turn"] += [eng.generate(ids, SamplingParams(4), lambda _: None).first_token_s
                                               for ids in firsts]
         out = {"prefix_cache_mb": mb, "history_tokens": len(convo[-1]), "rounds": int(rounds),

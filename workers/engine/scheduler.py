@@ -269,13 +269,11 @@ class Scheduler:
                 chunks.append(Chunk(req, first, length))
                 room -= length
                 first += length
-        # Replies computed again take only what the pass has left, a whole piece at a time.
-        for keeper in self.keepers:
-            for first in range(keeper.filled, len(keeper.prompt_ids), PREFILL_CHUNK):
-                if room < PREFILL_CHUNK:
-                    return chunks
-                chunks.append(Chunk(keeper, first, PREFILL_CHUNK))
-                room -= PREFILL_CHUNK
+        # Replies computed again only in passes of their own, when nothing else is to compute, one piece a pass:
+        # they never slow a pass of requests, and a request that comes meanwhile waits one short pass at most.
+        if not chunks and not self.running and self.keepers:
+            keeper = self.keepers[0]
+            chunks.append(Chunk(keeper, keeper.filled, PREFILL_CHUNK))
         return chunks
 
     def _order_rows(self) -> list[int]:
@@ -309,7 +307,8 @@ class Scheduler:
         Its reply's keys and values were computed while decoding, one token at a time, with other arithmetic
         than a prompt piece: the conversation's next prompt, computed whole, would not give the same. So where
         the reply adds whole pieces and a row is free, those pieces are computed again as a prompt's would be
-        (a keeper, in passes with prefill room to spare) and the longer prompt is kept once they are in.
+        (a keeper, in passes when the engine has nothing else to do) and the longer prompt is kept once they
+        are in.
         """
         if not self.kept.enabled:
             return
@@ -320,8 +319,7 @@ class Scheduler:
         longer = self._whole(req.origin, len(tokens))
         taken = {r.row for r in self.running + self.filling + self.keepers}
         free = next((s for s in range(self.slots) if s not in taken), None)
-        if (longer > whole and free is not None and longer <= self.kept.capacity_tokens
-                and self.prefill_tokens_per_pass >= PREFILL_CHUNK):
+        if longer > whole and free is not None and longer <= self.kept.capacity_tokens:
             self._ops.append(Move(req.row, free, whole))
             self.keepers.append(Request(tokens[:longer], req.params, 0, row=free, filled=whole, origin=req.origin,
                                         keep_only=True))
