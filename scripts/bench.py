@@ -460,7 +460,7 @@ def reuse_section(r: dict) -> list[str]:
         "## Prompts kept across turns", "",
         f"`python -m scripts.bench_probe reuse 0`: the engine alone (no stack), 16 slots, {r['dtype']}; one engine "
         f"keeping prompts (`CHAT_PREFIX_CACHE_MB={r['prefix_cache_mb']:g}`), one not (`0`), nothing else changed, "
-        f"taken in turn, {r['rounds']} rounds, medians. Turn 6 of a conversation whose history is "
+        f"taken in turn (each first in turn; first turns prompt by prompt), {r['rounds']} rounds, medians. Turn 6 of a conversation whose history is "
         f"{r['history_tokens']} tokens (five turns, the model's own replies of up to 200 tokens); turn 5 served by "
         "the same engine just before, as affinity sends it, and its reply computed again to be kept (the engine "
         "does so when it has nothing else to do, one 128-token piece a pass: a request that comes meanwhile waits "

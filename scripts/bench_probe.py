@@ -269,15 +269,20 @@ def reuse(threads: int, rounds: str = "3") -> dict:
         firsts = prompts(engines["on"].loaded)
         others = firsts * 2
         ttft = {f"{way}_{kind}": [] for way in engines for kind in ("alone", "beside15", "first_turn")}
-        for _ in range(int(rounds)):
-            for way, eng in engines.items():
+        for r in range(int(rounds)):
+            order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # each engine first in turn
+            for way in order:
+                eng = engines[way]
                 _serve_turn_five(eng, convo[-2])
                 ttft[f"{way}_alone"].append(eng.generate(convo[-1], SamplingParams(4), lambda _: None).first_token_s)
                 _serve_turn_five(eng, convo[-2])
                 ttft[f"{way}_beside15"].append(_ttft_beside(eng, convo[-1], others[:15]))
+            for eng in engines.values():
                 _until_kept(eng)  # the cancelled chats' replies computed again: idle work, not a first turn's
-                ttft[f"{way}_first_turn"] += [eng.generate(ids, SamplingParams(4), lambda _: None).first_token_s
-                                              for ids in firsts]
+            for i, ids in enumerate(firsts):  # each prompt on both engines back to back, each first in turn
+                for way in order if i % 2 == 0 else order[::-1]:
+                    ttft[f"{way}_first_turn"].append(
+                        engines[way].generate(ids, SamplingParams(4), lambda _: None).first_token_s)
         out = {"prefix_cache_mb": mb, "history_tokens": len(convo[-1]), "rounds": int(rounds),
                "dtype": str(engines["on"].loaded.dtype).removeprefix("torch."),
                **{f"ttft_{k}_ms": 1000 * statistics.median(v) for k, v in ttft.items()}}

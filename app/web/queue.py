@@ -50,9 +50,14 @@ class QueueClient:
 
     def enqueue(self, request_id: str, conversation_id: str | None = None) -> None:
         started = time.monotonic()
+        queue = self.queue
+        if self.affinity and conversation_id:
+            try:
+                queue = streams.route(self.redis, self.queue, conversation_id)
+            except redis.RedisError as exc:  # the shared queue, then: any worker computes the turn whole
+                logger.warning("No affinity for conversation %s: %s", conversation_id, exc)
         try:
-            queue = streams.route(self.redis, self.queue, conversation_id) if self.affinity else self.queue
             self.celery.send_task(TASK_GENERATE, args=[request_id], queue=queue, task_id=request_id)
-        except (OperationalError, OSError, redis.RedisError) as exc:
+        except (OperationalError, OSError) as exc:
             logger.error("Broker unavailable after %.2fs: %s", time.monotonic() - started, exc)
             raise QueueUnavailable(str(exc)) from exc
