@@ -2,7 +2,8 @@
 
 A chat is refused ``busy`` when the tasks waiting on the model's queue would
 take the workers longer than a setting to start (at the rate they have been
-taking tasks off it lately), or are more than another setting allows; and
+taking tasks off it lately, once tasks have kept waiting for a moment), or are
+more than another setting allows; and
 ``rate_limited`` when its caller's token bucket is empty. Either refusal comes
 before anything is stored or queued, so overload costs a refusal rather than
 an unbounded wait.
@@ -78,6 +79,25 @@ class DrainRate:
         return (taken - first) / (now - since)
 
 
+class Backlog:
+    """Whether tasks have kept waiting on the queue for at least ``least_s``: seen waiting at every look since."""
+
+    def __init__(self, least_s: float = 1.0):
+        self.least_s = least_s
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, waiting: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not waiting:
+                self._since = None
+                return False
+            if self._since is None:
+                self._since = now
+            return now - self._since >= self.least_s
+
+
 class Admission:
     """Decides, before a chat is stored, whether the backend takes it now."""
 
@@ -90,6 +110,7 @@ class Admission:
         self.busy_retry_after_s = busy_retry_after_s
         self.buckets = TokenBucket(redis_client, RATE_PREFIX, rate_per_minute, rate_burst)
         self.drain = DrainRate()
+        self.backlog = Backlog()
 
     def expected_wait_s(self) -> tuple[int, float | None]:
         """Tasks waiting on the queue, and how long the last of them would wait to be taken at the rate the
@@ -107,7 +128,11 @@ class Admission:
         if waiting >= self.max_queue_depth:
             raise ProtocolError(ErrorCode.BUSY, f"the model's queue is full ({waiting} waiting); try again later",
                                 retry_after=self.busy_retry_after_s)
-        if self.max_queue_wait_s and wait_s is not None and wait_s > self.max_queue_wait_s:
+        # The rate is what the workers took lately, which is what was asked of them while they had room: a
+        # burst after a quieter spell would seem to wait long. So only a queue that has kept tasks waiting for
+        # a moment (workers that really are behind) refuses on the expected wait.
+        behind = self.backlog.observe(waiting)
+        if self.max_queue_wait_s and wait_s is not None and wait_s > self.max_queue_wait_s and behind:
             raise ProtocolError(ErrorCode.BUSY, f"the model's workers are busy ({waiting} waiting, about "
                                 f"{wait_s:.0f} s); try again later", retry_after=self.busy_retry_after_s)
         wait = self.buckets.take(caller)
