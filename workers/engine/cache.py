@@ -28,14 +28,6 @@ class RaggedKVCache:
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys + self.values)
-
-    @property
-    def kept_nbytes(self) -> int:
-        return sum(t.nbytes for keys, values in self.kept.values() for t in keys + values)
-
     def plan(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """Token i of the next pass goes to row ``rows[i]`` at position ``positions[i]``."""
         # Where each token's and head's key goes in a layer's cache seen as (slots * heads * tokens, dim):
