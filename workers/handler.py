@@ -64,13 +64,13 @@ class RequestHandler:
         its stream is still empty: reading it is skipped, a round trip less
         before the first token.
         """
-        if self.affinity is None:
-            return self._handle(request_id, repeat)
-        self.affinity.took()
+        if self.affinity is not None:
+            self.affinity.took()
         try:
             return self._handle(request_id, repeat)
         finally:
-            self.affinity.ended()
+            if self.affinity is not None:
+                self.affinity.ended()
 
     def _handle(self, request_id: str, repeat: bool) -> str:
         if self._handing_back.is_set():

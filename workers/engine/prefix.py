@@ -30,8 +30,6 @@ class PrefixStats:
     hits: int = 0
     reused_tokens: int = 0  # prompt tokens taken from kept entries
     prompt_tokens: int = 0  # prompt tokens of every request looked up
-    entries: int = 0
-    tokens: int = 0  # tokens kept
 
 
 class PrefixIndex:
@@ -72,7 +70,6 @@ class PrefixIndex:
         """Forget every entry; their ids."""
         ids = list(self._entries)
         self._entries.clear()
-        self.stats.entries = self.stats.tokens = 0
         return ids
 
     def insert(self, tokens: list[int]) -> tuple[int | None, list[int]]:
@@ -95,7 +92,6 @@ class PrefixIndex:
             dropped.append(entry_id)
         entry_id = next(self._ids)
         self._entries[entry_id] = list(tokens)
-        self.stats.entries, self.stats.tokens = len(self._entries), held + len(tokens)
         return entry_id, dropped
 
 
