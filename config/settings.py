@@ -58,10 +58,14 @@ class Settings(BaseSettings):
     torch_threads: int = 0
     prepack: bool = True
     fuse_projections: bool = True
+    # "int8": linear layers with INT8 weights (one scale per output) instead of the model's dtype, on CPU. Off by
+    # default: it answered the factual questions as the plain model did and a lone request faster, but 16 chats
+    # slower (docs/benchmarks.md, "INT8 weights").
+    quantize: Literal["none", "int8"] = "none"
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)
-    prefill_tokens_per_pass: int = Field(256, ge=1)
+    prefill_tokens_per_pass: int = Field(64, ge=1)
     # Memory a worker keeps the prompts of finished requests in, for the next turn of their conversations to
     # compute only what is new; 0 turns the reuse off.
     prefix_cache_mb: float = Field(512, ge=0)

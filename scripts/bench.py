@@ -20,6 +20,8 @@ from pathlib import Path
 import jwt
 import psutil
 import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import ROOT, Settings
 from scripts import loadgen, overload, peers
@@ -42,6 +44,9 @@ OVERLOAD_FACTOR, OVERLOAD_S = 2, 60
 OVERLOAD_TTFT_P99_S, WEB_RSS_LIMIT_MB, HEALTHZ_LIMIT_MS = 10, 1024, 1000
 SITE_ISSUER = "https://bench.site"
 TTFT_TOKENS = 4  # replies of the run that measures the time to first token
+# The worker's histograms that trace a request's time to first token (sums and counts, seconds).
+TTFT_TRACE = ("chat_time_to_first_token_seconds", "chat_queue_wait_seconds", "chat_engine_first_token_seconds",
+              "chat_engine_wait_seconds")
 DTYPES = ("float32", "bfloat16")  # the engine's dtypes on a CPU (bfloat16 emulated where the CPU lacks it)
 
 
@@ -62,7 +67,8 @@ class Bench:
         self.logs.mkdir(parents=True)
         self.scale = 0.5 if quick else 1.0
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
-                             replica_port=free_port(), web_port=free_port(), default_max_new_tokens=NEW_TOKENS,
+                             replica_port=free_port(), web_port=free_port(), worker_metrics_port=free_port(),
+                             default_max_new_tokens=NEW_TOKENS,
                              max_new_tokens_cap=NEW_TOKENS, log_level="WARNING",
                              # Every chat of a load comes from one guest; the overload's visitors are users of a
                              # site that signs their tokens.
@@ -108,6 +114,33 @@ class Bench:
         if not label.endswith("warm-up"):
             self.runs.append(summary)
         return summary
+
+    def worker_sums(self) -> dict:
+        """The first worker's :data:`TTFT_TRACE` histograms: {name: (sum, count)}."""
+        text = requests.get(f"http://127.0.0.1:{self.base.worker_metrics_port}/metrics", timeout=10).text
+        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        return {name: (samples.get(f"{name}_sum", 0.0), samples.get(f"{name}_count", 0.0)) for name in TTFT_TRACE}
+
+    def traced(self, label: str, fn) -> dict:
+        """A load, with the mean of each stage of its requests' time to first token (ms) in ``ttft_trace``."""
+        before = self.worker_sums()
+        run = self.load(label, fn)
+        after = self.worker_sums()
+        mean = {}
+        for name in TTFT_TRACE:
+            count = after[name][1] - before[name][1]
+            mean[name] = 1000 * (after[name][0] - before[name][0]) / count if count else 0.0
+        worker, queue = mean["chat_time_to_first_token_seconds"], mean["chat_queue_wait_seconds"]
+        engine, wait = mean["chat_engine_first_token_seconds"], mean["chat_engine_wait_seconds"]
+        run["ttft_trace"] = {
+            "client": run["ttft_mean_ms"],
+            "web_and_relay": run["ttft_mean_ms"] - worker,  # before acceptance, and the first token's way back
+            "queue": queue, "before_engine": worker - queue - engine,
+            "engine_wait": wait, "prompt_passes": engine - wait,
+        }
+        run["ttft_trace"] = {k: round(v, 1) for k, v in run["ttft_trace"].items()}
+        logger.info("Time to first token, means (ms): %s", run["ttft_trace"])
+        return run
 
     def web_pid(self) -> int:
         """The gunicorn worker (under its arbiter) that serves the sockets."""
@@ -181,6 +214,8 @@ class Bench:
         out["invariance"] = {dtype: probe("invariance", 0, dtype) for dtype in DTYPES}
         logger.info("Prompts kept across turns: a long conversation's turn 6 with and without")
         out["reuse"] = probe("reuse", 0)
+        logger.info("INT8 weights against the model's dtype: the factual questions, a lone request, 16 at once")
+        out["quantized"] = probe("quantized", 0)
         self.start()
         try:
             w = self.workers("batching, 1 worker", 1)
@@ -191,7 +226,8 @@ class Bench:
             out["gauge_beside_c16"] = [probe("gauge", 0)]
             c16_runs = []
             for label in ("stack", "stack, again"):
-                c16_runs.append(self.load(label, lambda: loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS)))
+                c16_runs.append(self.traced(label, lambda: loadgen.closed_loop(self.url, 16, self.n(48),
+                                                                               NEW_TOKENS)))
                 out["gauge_beside_c16"].append(probe("gauge", 0))
             c16, out["stack_c16_again"] = c16_runs
             out["poisson"] = [self.load("stack, open loop", lambda r=r: loadgen.poisson(self.url, r, self.n(24),
@@ -214,6 +250,10 @@ class Bench:
             out["v1"]["ttft"] = self.load(f"stack /v1, {TTFT_TOKENS}-token replies", lambda: loadgen.closed_loop(
                 self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
+            w.stop()
+            w = self.workers("INT8 weights, 1 worker", 1, quantize="int8")
+            out["stack_int8"] = {f"c{c}": self.load("stack, INT8 weights", lambda c=c, n=n: loadgen.closed_loop(
+                self.url, c, self.n(n), NEW_TOKENS)) for c, n in ((1, 8), (16, 48))}
             w.stop()
             out["peers"] = self.peers(installed, out["gauge_before"]["dtype"])
 
@@ -408,7 +448,7 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *peers_section(out), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+    lines += ["", *peers_section(out), "", *quantized_section(out), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
               "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
@@ -446,11 +486,71 @@ def peers_section(out: dict) -> list[str]:
         lines.append(f"| tok/s at 16 chats, stack / {name} | {stack['c16']['tokens_per_s'] / p['c16']['tokens_per_s']:.2f}x "
                      f"| > 1x | {_yes(stack['c16']['tokens_per_s'] > p['c16']['tokens_per_s'])} |")
     if "llama.cpp" in ok:
-        ratio = stack["c1"]["itl_ms"]["p50"] / ok["llama.cpp"]["c1"]["itl_ms"]["p50"]
+        lone = ok["llama.cpp"]["c1"]["itl_ms"]["p50"]
+        ratio = stack["c1"]["itl_ms"]["p50"] / lone
         lines.append(f"| lone ITL p50, stack / llama.cpp | {ratio:.2f}x | ≤ 1x (native bfloat16) | {_yes(ratio <= 1)} |")
+        if "stack_int8" in out:
+            ratio = out["stack_int8"]["c1"]["itl_ms"]["p50"] / lone
+            lines.append(f"| lone ITL p50, stack with INT8 weights (`CHAT_QUANTIZE=int8`) / llama.cpp | {ratio:.2f}x "
+                         f"| ≤ 1x, and no right answer lost (below) | {_yes(ratio <= 1)} |")
     ratio = stack["c16"]["ttft_ms"]["p50"] / best_ttft
     lines.append(f"| TTFT p50 at 16 chats, stack / best peer ({best_ttft} ms) | {ratio:.2f}x | < 0.3x | "
                  f"{_yes(ratio < 0.3)} |")
+    return lines + ttft_trace_section(out)
+
+
+def ttft_trace_section(out: dict) -> list[str]:
+    """Where the stack's time to first token goes at 16 chats: means of each stage, from the worker's histograms."""
+    runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again")) if r and "ttft_trace" in r]
+    if not runs:
+        return []
+    stages = [("web_and_relay", "the web tier before acceptance, and the first token's way back (client less worker)"),
+              ("queue", "in the queue: acceptance to a worker's task (`chat_queue_wait_seconds`)"),
+              ("before_engine", "in the worker before the engine: the request read, the prompt built"),
+              ("engine_wait", "waiting for a cache row: a free slot and the pass under way "
+                              "(`chat_engine_wait_seconds`)"),
+              ("prompt_passes", "the passes that compute the prompt, up to its first token "
+                                "(`chat_engine_first_token_seconds` less the wait)")]
+    lines = ["", f"Where the time to first token goes at 16 chats, means over each run's requests (ms); a pass takes "
+             f"up to {Settings().prefill_tokens_per_pass} prompt tokens beside decoding rows "
+             "(`CHAT_PREFILL_TOKENS_PER_PASS`), more when none decodes:", "",
+             "| stage | " + " | ".join(r["label"] for r in runs) + " |", "| --- |" + " --- |" * len(runs)]
+    for key, what in stages:
+        lines.append(f"| {what} | " + " | ".join(f"{r['ttft_trace'][key]:.1f}" for r in runs) + " |")
+    lines.append("| the client's time to first token, mean | " +
+                 " | ".join(f"{r['ttft_trace']['client']:.1f}" for r in runs) + " |")
+    return lines
+
+
+def quantized_section(out: dict) -> list[str]:
+    """INT8 weights against the model's dtype: engine alone, and through the stack."""
+    q = out["quantized"]
+    lost = ", ".join(f"\"{x}\"" for x in q["lost"]) or "none"
+    gained = ", ".join(f"\"{x}\"" for x in q["gained"]) or "none"
+    lines = ["## INT8 weights", "",
+             f"`python -m scripts.bench_probe quantized 0`: the engine alone (no stack), 16 slots, {q['dtype']}, with "
+             "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default) and with INT8 weights, "
+             "one scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`). First "
+             f"the {q['questions']} short factual questions of `scripts/factual_questions.json` (fixed before any "
+             "quantized run), greedy; then in each of "
+             f"{q['rounds']} rounds a lone request's ITL and 16 requests at once on both engines in turn, medians.", "",
+             "| | model's dtype | INT8 weights | INT8 / dtype |", "| --- | --- | --- | --- |",
+             f"| factual questions answered right | {q['right']['none']} | {q['right']['int8']} | |",
+             f"| lone request ITL p50, engine alone | {q['itl_ms']['none']:.1f} ms | {q['itl_ms']['int8']:.1f} ms | "
+             f"{q['itl_int8_over_none']:.2f}x |",
+             f"| 16 at once, tok/s, engine alone | {q['batch16_tps']['none']:.1f} | {q['batch16_tps']['int8']:.1f} | "
+             f"{q['tps_int8_over_none']:.2f}x |"]
+    if "stack_int8" in out:
+        s, i = out["stack"], out["stack_int8"]
+        lines += [f"| lone request ITL p50, through the stack | {s['c1']['itl_ms']['p50']} ms | "
+                  f"{i['c1']['itl_ms']['p50']} ms | {i['c1']['itl_ms']['p50'] / s['c1']['itl_ms']['p50']:.2f}x |",
+                  f"| 16 chats, tok/s, through the stack | {s['c16']['tokens_per_s']} | {i['c16']['tokens_per_s']} | "
+                  f"{i['c16']['tokens_per_s'] / s['c16']['tokens_per_s']:.2f}x |"]
+    keep = not q["lost"] and q["tps_int8_over_none"] >= 1 and q["itl_int8_over_none"] < 1
+    lines += ["", f"- right with the model's dtype, wrong with INT8 weights: {lost}",
+              f"- wrong with the model's dtype, right with INT8 weights: {gained}",
+              f"- kept as the default: {_yes(keep)} (only with no right answer lost, a faster lone request and 16 "
+              "chats no slower)"]
     return lines
 
 

@@ -4,6 +4,8 @@
     python -m scripts.bench_probe generate  # one generate() per request, alone
     python -m scripts.bench_probe engine    # the batching engine alone, no stack
     python -m scripts.bench_probe invariance 0 bfloat16  # what batch invariance costs the engine in a dtype
+    python -m scripts.bench_probe reuse     # prompts kept across turns, on and off
+    python -m scripts.bench_probe quantized # INT8 weights against the model's dtype: answers and speed
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
 """
@@ -20,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from app.protocol import SamplingParams
-from config.settings import DEFAULT_MODEL_DIR, Settings
+from config.settings import DEFAULT_MODEL_DIR, ROOT, Settings
 from scripts.loadgen import PROMPTS
 from workers.engine import BatchingEngine, GenerateEngine
 from workers.kernels import PaddedRows
@@ -79,8 +81,9 @@ def lone(engine, all_ids: list[list[int]]) -> dict:
     return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
 
 
-def loader(threads: int, fuse: bool = True, dtype: str = "auto"):
-    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse, dtype_setting=dtype)
+def loader(threads: int, fuse: bool = True, dtype: str = "auto", quantize: str = "none"):
+    return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse, dtype_setting=dtype,
+                              quantize=quantize)
 
 
 def gauge(threads: int) -> dict:
@@ -109,20 +112,70 @@ def generate(threads: int) -> dict:
         eng.stop()
 
 
+def batch16_tps(engine, all_ids: list[list[int]]) -> float:
+    """Output tokens/s of 16 requests submitted at once."""
+    started = time.perf_counter()
+    futures = [engine.submit(all_ids[i % len(all_ids)], SamplingParams(NEW_TOKENS), lambda _: None)
+               for i in range(16)]
+    tokens = sum(f.result().completion_tokens for f in futures)
+    return tokens / (time.perf_counter() - started)
+
+
 def engine(threads: int) -> dict:
     eng = BatchingEngine(loader(threads), max_batch=16,
                          shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         all_ids = prompts(eng.loaded)
-        result = {"lone": lone(eng, all_ids), "min_rows": eng.min_rows}
-        started = time.perf_counter()
-        futures = [eng.submit(all_ids[i % len(all_ids)], SamplingParams(NEW_TOKENS), lambda _: None)
-                   for i in range(16)]
-        tokens = sum(f.result().completion_tokens for f in futures)
-        result["batch16_tps"] = tokens / (time.perf_counter() - started)
-        return result
+        return {"lone": lone(eng, all_ids), "min_rows": eng.min_rows, "batch16_tps": batch16_tps(eng, all_ids)}
     finally:
         eng.stop()
+
+
+# Short factual questions, fixed before any quantized run: a reply is right when it holds an accepted answer.
+FACTUAL = ROOT / "scripts" / "factual_questions.json"
+FACTUAL_TOKENS = 48
+
+
+def factual(engine) -> list[bool]:
+    """Whether the engine's greedy reply to each factual question is right (submitted together: a row's text does
+    not depend on its batch)."""
+    questions = json.loads(FACTUAL.read_text())["questions"]
+    tok = engine.loaded.tokenizer
+    futures = [engine.submit(build_prompt_ids(tok, SYSTEM, [{"role": "user", "content": q["q"]}], 1000),
+                             SamplingParams(FACTUAL_TOKENS), lambda _: None) for q in questions]
+    return [any(a.lower() in f.result().text.lower() for a in q["a"]) for q, f in zip(questions, futures)]
+
+
+def quantized(threads: int, rounds: str = "3") -> dict:
+    """INT8 weights (CHAT_QUANTIZE=int8) against the model's dtype: the factual questions, then in each round a
+    lone request's ITL and 16 requests' tok/s on both engines in turn (each first in turn); medians, and the
+    median of the rounds' own ratios."""
+    engines = {mode: BatchingEngine(loader(threads, quantize=mode), max_batch=16,
+                                    shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+               for mode in ("none", "int8")}
+    try:
+        right = {mode: factual(eng) for mode, eng in engines.items()}
+        questions = json.loads(FACTUAL.read_text())["questions"]
+        all_ids = prompts(engines["none"].loaded)
+        itl, tps = {m: [] for m in engines}, {m: [] for m in engines}
+        for r in range(int(rounds)):
+            for mode in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                itl[mode].append(lone(engines[mode], all_ids)["itl_ms"])
+                tps[mode].append(batch16_tps(engines[mode], all_ids))
+        return {
+            "dtype": str(engines["none"].loaded.dtype).removeprefix("torch."), "rounds": int(rounds),
+            "kernels": {m: e.loaded.kernels for m, e in engines.items()},
+            "questions": len(questions), "right": {m: sum(r) for m, r in right.items()},
+            "lost": [q["q"] for q, a, b in zip(questions, right["none"], right["int8"]) if a and not b],
+            "gained": [q["q"] for q, a, b in zip(questions, right["none"], right["int8"]) if b and not a],
+            "itl_ms": {m: statistics.median(v) for m, v in itl.items()},
+            "batch16_tps": {m: statistics.median(v) for m, v in tps.items()},
+            "itl_int8_over_none": statistics.median(a / b for a, b in zip(itl["int8"], itl["none"])),
+            "tps_int8_over_none": statistics.median(a / b for a, b in zip(tps["int8"], tps["none"])),
+        }
+    finally:
+        for eng in engines.values():
+            eng.stop()
 
 
 def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
@@ -298,5 +351,6 @@ def reuse(threads: int, rounds: str = "3") -> dict:
 
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance, "reuse": reuse}
+    probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance, "reuse": reuse,
+              "quantized": quantized}
     print(json.dumps(probes[what](threads, *sys.argv[3:])))

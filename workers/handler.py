@@ -142,6 +142,8 @@ class RequestHandler:
                 if result.first_token_s is not None:
                     first_token_ms = 1000 * result.first_token_s
                 timing.cached_tokens = result.cached_tokens
+                if not prefix:  # a request picked up after a worker's death: its first token came before
+                    timing.engine_wait_s, timing.engine_first_token_s = result.admitted_s, result.first_token_s
             except Exception:
                 logger.exception("Generation failed for request %s", request_id)
                 finish, completion = "error", len(prefix_ids)

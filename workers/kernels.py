@@ -68,15 +68,66 @@ class PaddedRows(nn.Module):
         return self._rows(torch.cat((x, x[:1].expand(self.least - n, -1))))[:n]
 
 
+class Int8Linear(nn.Module):
+    """Weight-only INT8: each output's weights as int8 with one scale (symmetric, rounded to nearest), through
+    ``torch.ops.aten._weight_int8pack_mm``; the input and output keep the model's dtype.
+
+    A pass that reads the weights once reads half the bytes of bfloat16 ones. The
+    kernel computes each row on its own, so a row comes out alike at every row
+    count (:func:`pad_linears` checks it as any other layer).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        w = weight.float()
+        most = w.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        # Each output's scale: its largest weight, or a little less where clipping that one loses less than the
+        # finer steps win for all the others (the least squared error of the few tried).
+        best_scale, best_error = None, None
+        for clip in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75):
+            scale = (most * clip / 127).to(weight.dtype).float()  # as the kernel will have it
+            error = ((torch.round(w / scale).clamp(-127, 127) * scale - w) ** 2).sum(dim=1, keepdim=True)
+            better = error < best_error if best_error is not None else torch.ones_like(error, dtype=torch.bool)
+            best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+            best_error = error if best_error is None else torch.where(better, error, best_error)
+        self.qweight = torch.round(w / best_scale).clamp(-127, 127).to(torch.int8)
+        self.scales = best_scale[:, 0].to(weight.dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for input that already is (rows, in_features)."""
+        out = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_linears(model: nn.Module) -> str:
+    """Swap every ``nn.Linear`` of a CPU model for an :class:`Int8Linear` (the vocabulary projection too); say what
+    was done. Call it after :func:`workers.fusion.fuse_projections` (stacking needs the plain weights) and instead
+    of :func:`pack_linears`."""
+    first = next(model.parameters())
+    if first.device.type != "cpu":
+        return f"weights as loaded (INT8 weights are for CPUs, not {first.device.type})"
+    swaps = [(parent, name, Int8Linear(child)) for parent, name, child in _linears(model)
+             if isinstance(child, nn.Linear)]
+    for parent, name, layer in swaps:
+        setattr(parent, name, layer)
+    return f"{len(swaps)} linear layers with INT8 weights (one scale per output)"
+
+
 def on_rows(linear: nn.Module):
     """A function of (rows, in_features) input that computes ``linear``, without module call overhead where it can."""
-    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows)) else linear
+    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows, Int8Linear)) else linear
 
 
 def _linears(module: nn.Module):
     """(parent, name, layer) of every linear layer below ``module``, a padded one as one layer."""
     for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows)):
+        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows, Int8Linear)):
             yield module, name, child
         else:
             yield from _linears(child)
@@ -137,7 +188,8 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
     most = counts[-1]
     block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
     block = -(-block // most) * most  # whole groups of the largest count
-    weight = layer.packed if isinstance(layer, PackedLinear) else layer.weight
+    weight = {PackedLinear: "packed", Int8Linear: "scales"}.get(type(layer), "weight")
+    weight = getattr(layer, weight)  # its device and the dtype it computes in
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
     layer = on_rows(layer)

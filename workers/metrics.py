@@ -28,6 +28,12 @@ DURATION = Histogram("chat_request_duration_seconds", "From acceptance to the re
                      buckets=_LATENCY)
 QUEUE_WAIT = Histogram("chat_queue_wait_seconds", "From acceptance to a worker starting on the request", ["model"],
                        buckets=_LATENCY)
+# Where the time to first token goes inside a worker, from its engine's taking the request.
+ENGINE_WAIT = Histogram("chat_engine_wait_seconds", "From the engine's taking a request to a cache row for it: a "
+                        "free slot, and the pass under way ended", ["model"], buckets=_LATENCY)
+ENGINE_FIRST_TOKEN = Histogram("chat_engine_first_token_seconds", "From the engine's taking a request to its first "
+                               "token: that wait, then the passes that compute its prompt", ["model"],
+                               buckets=_LATENCY)
 PROMPT_TOKENS = Counter("chat_prompt_tokens_total", "Prompt tokens of the requests served", ["model"])
 CACHED_TOKENS = Counter("chat_prompt_cached_tokens_total", "Prompt tokens taken from kept keys and values, not "
                         "computed (the system prompt's, a conversation's earlier turns')", ["model"])
@@ -43,6 +49,8 @@ class Timing:
 
     queue_wait_s: float | None = None
     first_token_s: float | None = None  # from acceptance
+    engine_wait_s: float | None = None  # from the engine's taking it to a cache row
+    engine_first_token_s: float | None = None  # from the engine's taking it to its first token
     cached_tokens: int = 0  # prompt tokens the engine did not compute
 
 
@@ -70,3 +78,7 @@ def observe_served(model: str, timing: Timing | None, duration_s: float | None, 
         QUEUE_WAIT.labels(model).observe(timing.queue_wait_s)
     if timing is not None and timing.first_token_s is not None:
         TTFT.labels(model).observe(timing.first_token_s)
+    if timing is not None and timing.engine_wait_s is not None:
+        ENGINE_WAIT.labels(model).observe(timing.engine_wait_s)
+    if timing is not None and timing.engine_first_token_s is not None:
+        ENGINE_FIRST_TOKEN.labels(model).observe(timing.engine_first_token_s)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.cpu import NATIVE_BF16, cpu_flags
 from workers.fusion import fuse_projections
-from workers.kernels import pack_linears
+from workers.kernels import pack_linears, quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,15 @@ def release_freed_memory() -> None:
 
 
 def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str = "auto",
-               torch_threads: int = 0, prepack_rows: int = 16, fuse: bool = True) -> LoadedModel:
+               torch_threads: int = 0, prepack_rows: int = 16, fuse: bool = True,
+               quantize: str = "none") -> LoadedModel:
     """Load tokenizer and model from a local folder (or a cached model id) and log how.
 
     ``fuse`` stacks each Llama layer's query/key/value and gate/up projections
     (:func:`workers.fusion.fuse_projections`). ``prepack_rows`` > 0 prepacks a
     CPU model's linear layers for batches of about that many rows
-    (:func:`workers.kernels.pack_linears`); 0 leaves them plain.
+    (:func:`workers.kernels.pack_linears`); 0 leaves them plain. ``quantize``
+    "int8" gives them INT8 weights instead (:func:`workers.kernels.quantize_linears`).
     """
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -107,7 +109,12 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
         raise
     model.eval()
     fusion = fuse_projections(model) if fuse else "projections as transformers ships them (fusing off)"
-    packing = pack_linears(model, prepack_rows) if prepack_rows > 0 else "plain linear layers (prepacking off)"
+    if quantize == "int8":
+        packing = quantize_linears(model)
+    elif prepack_rows > 0:
+        packing = pack_linears(model, prepack_rows)
+    else:
+        packing = "plain linear layers (prepacking off)"
     kernels = f"{fusion}, {packing}"
     release_freed_memory()
     eos = model.generation_config.eos_token_id

@@ -126,6 +126,20 @@ def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
     assert together == alone
 
 
+def test_with_int8_weights_greedy_output_does_not_depend_on_the_batch_either():
+    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), quantize="int8"), max_batch=8,
+                            max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    try:
+        loaded = engine.loaded
+        assert "INT8 weights" in loaded.kernels
+        alone = [run(engine, loaded, p).text for p in PROMPTS]
+        futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
+        assert [f.result(120).text for f in futures] == alone
+        assert all(alone)
+    finally:
+        engine.stop()
+
+
 def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
     engine, loaded = each_dtype, each_dtype.loaded

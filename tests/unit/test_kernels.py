@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.kernels import PackedLinear, PaddedRows, least_rows, pack_linears, pad_linears, row_counts
+from workers.kernels import (Int8Linear, PackedLinear, PaddedRows, least_rows, pack_linears, pad_linears,
+                             quantize_linears, row_counts)
 
 
 def small_model() -> nn.Module:
@@ -24,11 +25,43 @@ def test_packed_layers_compute_what_plain_ones_do():
         assert torch.allclose(packed(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
+def test_int8_weights_compute_close_to_the_plain_layers_in_each_dtype_with_a_byte_a_weight():
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = small_model().to(dtype)
+        quantized = small_model().to(dtype)
+        assert quantize_linears(quantized) == "2 linear layers with INT8 weights (one scale per output)"
+        layer = quantized[0]
+        assert isinstance(layer, Int8Linear) and isinstance(quantized[2][0], Int8Linear)
+        assert layer.qweight.dtype == torch.int8 and layer.scales.dtype == dtype
+        assert layer.qweight.nbytes == plain[0].weight.numel()  # a byte a weight
+        x = torch.randn(5, 7, 64).to(dtype)
+        with torch.inference_mode():
+            want, got = plain(x).float(), quantized(x).float()
+        # Each weight within half a step of its output's scale: the products stay within a few percent.
+        assert (got - want).norm() / want.norm() < 0.05, dtype
+
+
+def test_int8_weights_are_each_within_half_a_step_and_the_largest_may_be_clipped_only_to_lower_the_error():
+    torch.manual_seed(1)
+    linear = nn.Linear(256, 8)
+    with torch.no_grad():
+        linear.weight[0, 0] = 4.0  # one outlier: a scale from it would leave the rest few steps
+    layer = Int8Linear(linear)
+    dequantized = layer.qweight.float() * layer.scales[:, None]
+    error = ((dequantized - linear.weight) ** 2).sum(dim=1)
+    absmax_scale = linear.weight.abs().amax(dim=1, keepdim=True) / 127
+    absmax_error = ((torch.round(linear.weight / absmax_scale) * absmax_scale - linear.weight) ** 2).sum(dim=1)
+    assert torch.all(error <= absmax_error + 1e-12)
+    assert layer.qweight.abs().max() <= 127
+
+
 def test_after_padding_a_row_computes_alike_in_any_batch_on_this_machine():
-    for pack in (False, True):
+    for way in ("plain", "packed", "int8"):
         model = small_model()
-        if pack:
+        if way == "packed":
             pack_linears(model, 16)
+        elif way == "int8":
+            quantize_linears(model)
         pad_linears(model, 16, 64)
         x = torch.randn(64, 64)
         with torch.inference_mode():

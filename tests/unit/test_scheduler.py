@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from app.protocol import SamplingParams
 from workers.engine.prefix import PrefixIndex
 from workers.engine.request import Request
-from workers.engine.scheduler import (PREFILL_CHUNK, SPAN_BUCKET, Drop, Load, Move, Save, Scheduler, StepPlan, Swap,
-                                      span_of)
+from workers.engine.scheduler import (IDLE_PREFILL_TOKENS, PREFILL_CHUNK, SPAN_BUCKET, Drop, Load, Move, Save,
+                                      Scheduler, StepPlan, Swap, span_of)
 
 EOS = 2
 PREFIX = [1, 5, 6, 7]
@@ -71,8 +71,10 @@ def check(plan: StepPlan, sched: Scheduler) -> None:
     for chunk in plan.chunks:  # cut at fixed places from where the prompt's computation started
         assert (chunk.first - chunk.request.origin) % PREFILL_CHUNK == 0
         assert 1 <= chunk.length <= PREFILL_CHUNK
-    if len(plan.chunks) > 1:
-        assert sum(c.length for c in plan.chunks) <= sched.prefill_tokens_per_pass
+    if len(plan.chunks) > 1:  # the budget beside decoding rows, the larger one when none decodes
+        room = sched.prefill_tokens_per_pass if plan.decode else max(sched.prefill_tokens_per_pass,
+                                                                     IDLE_PREFILL_TOKENS)
+        assert sum(c.length for c in plan.chunks) <= room
 
 
 @settings(max_examples=60, deadline=None)
@@ -164,6 +166,23 @@ def test_a_prompt_that_starts_with_the_shared_prefix_copies_it_and_computes_only
     out = sched.update(plan, [40, 41])
     assert out.tokens == [(with_prefix, 40), (without, 41)] and sched.running == [with_prefix, without]
     assert (with_prefix.row, without.row) == (0, 1) and with_prefix.length == 304
+
+
+def test_new_prompts_beside_decoding_rows_take_the_small_budget_and_an_idle_pass_the_large_one():
+    """A burst of prompts is cut into short passes while rows decode; with none decoding a pass takes more."""
+    sched = Scheduler(8, 512, 40, frozenset({0}))
+    for _ in range(6):
+        sched.add(request([5] * 30, 4))
+    first = sched.schedule()  # nothing decodes yet: up to IDLE_PREFILL_TOKENS, whole pieces only
+    assert not first.decode and [c.length for c in first.chunks] == [30] * 6
+    assert IDLE_PREFILL_TOKENS >= 180
+    sched.update(first, [1] * 6)
+    for _ in range(4):
+        sched.add(request([6] * 30, 4))
+    beside = sched.schedule()  # six rows decode: one piece, then no more than 40 tokens
+    assert len(beside.decode) == 6 and [c.length for c in beside.chunks] == [30]
+    sched.update(beside, [1] * 7)
+    assert [c.length for c in sched.schedule().chunks] == [30]
 
 
 def test_a_row_that_outgrows_its_span_moves_ahead_of_shorter_rows():

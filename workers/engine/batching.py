@@ -39,7 +39,7 @@ class BatchingEngine:
     """
 
     def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
-                 prefill_tokens_per_pass: int = 256, shared_prefix: Callable[[object], list[int]] | None = None,
+                 prefill_tokens_per_pass: int = 64, shared_prefix: Callable[[object], list[int]] | None = None,
                  after_pass: Callable[[], None] = lambda: None, prefix_cache_mb: float = 0.0):
         self._model_source = model
         self._after_pass = after_pass  # called on the engine thread once a pass's text is handed out

@@ -21,8 +21,9 @@ class GenerationResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # from submission
     cached_tokens: int = 0  # prompt tokens not computed: taken from the shared prefix or a kept earlier prompt
+    admitted_s: float | None = None  # from submission to a cache row: a free slot, and the pass under way ended
 
 
 class IncrementalDecoder:
@@ -78,6 +79,7 @@ class Request:
     keep_only: bool = False  # a finished turn's reply computed again to be kept: no token is generated
     output_ids: list[int] = field(default_factory=list)
     first_token_s: float | None = None
+    admitted_s: float | None = None
     finish_reason: str | None = None  # stop | length, once decided; a cancelled request leaves without one
     # The engine's side: where its text goes and where its result is awaited.
     on_text: Callable[[str], None] = lambda _: None
@@ -118,4 +120,4 @@ class Request:
 
     def result(self, reason: str) -> GenerationResult:
         return GenerationResult("".join(self.pieces), reason, len(self.prompt_ids), len(self.output_ids),
-                                self.first_token_s, self.reused)
+                                self.first_token_s, self.reused, self.admitted_s)

@@ -11,7 +11,8 @@ Rules that keep a request's greedy text independent of its neighbours:
 
 - A prompt is cut into pieces of :data:`PREFILL_CHUNK` tokens at fixed places
   from where its computation starts, whatever else is waiting; a pass takes
-  pieces up to ``prefill_tokens_per_pass`` tokens (at least one piece), first
+  pieces up to ``prefill_tokens_per_pass`` tokens beside decoding rows, up to
+  :data:`IDLE_PREFILL_TOKENS` when no row decodes (at least one piece), first
   come first.
 - A decoding row attends over its length rounded up to :data:`SPAN_BUCKET`
   positions (:func:`span_of`); decoding rows are kept in decreasing order of
@@ -26,6 +27,7 @@ Rules that keep a request's greedy text independent of its neighbours:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,6 +40,9 @@ from workers.engine.request import Request
 SPAN_BUCKET = 64
 # A prompt is computed in pieces of this many tokens, cut at fixed places.
 PREFILL_CHUNK = 128
+# The most prompt tokens a pass takes when no row decodes: nobody waits on a longer pass then, and larger passes
+# read the weights fewer times for a long prompt.
+IDLE_PREFILL_TOKENS = 256
 
 
 def span_of(length: int, max_tokens: int) -> int:
@@ -194,6 +199,17 @@ class Scheduler:
         self.keepers = []
         self._ops += [Drop(entry) for entry in self.kept.clear()]
 
+    @property
+    def prefill_room(self) -> int:
+        """The most prompt tokens the coming pass takes (at least one piece).
+
+        Beside decoding rows, ``prefill_tokens_per_pass``: a small budget cuts a
+        burst of new prompts into short passes, so the first of them get their
+        first tokens early and the rows decoding wait less for each pass.
+        """
+        return self.prefill_tokens_per_pass if self.running else max(self.prefill_tokens_per_pass,
+                                                                      IDLE_PREFILL_TOKENS)
+
     def span(self, length: int) -> int:
         return span_of(length, self.max_tokens)
 
@@ -243,6 +259,7 @@ class Scheduler:
                 self._keep_computed(self.keepers[0])  # a request before a reply computed again: keep what is done
             taken = {r.row for r in self.filling + self.keepers}
             req.row = next(s for s in range(len(self.running), self.slots) if s not in taken)
+            req.admitted_s = time.monotonic() - req.submitted
             req.origin = req.filled = self._cached_prefix_len(req.prompt_ids)
             hit = self.kept.lookup(req.prompt_ids, req.origin, PREFILL_CHUNK) if self.kept.enabled else None
             if hit is not None:
@@ -259,7 +276,7 @@ class Scheduler:
         return n if n and len(prompt_ids) > n and prompt_ids[:n] == self.prefix else 0
 
     def _chunks(self) -> list[Chunk]:
-        chunks, room = [], self.prefill_tokens_per_pass
+        chunks, room = [], self.prefill_room
         for req in self.filling:
             first = req.filled
             while first < len(req.prompt_ids):
