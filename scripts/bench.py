@@ -216,6 +216,8 @@ class Bench:
         out["reuse"] = probe("reuse", 0)
         logger.info("INT8 weights against the model's dtype: the factual questions, a lone request, 16 at once")
         out["quantized"] = probe("quantized", 0)
+        logger.info("A lone decoding pass compiled whole against the engine's eager one")
+        out["compiled"] = probe("compiled", 0)
         self.start()
         try:
             w = self.workers("batching, 1 worker", 1)
@@ -250,6 +252,11 @@ class Bench:
             out["v1"]["ttft"] = self.load(f"stack /v1, {TTFT_TOKENS}-token replies", lambda: loadgen.closed_loop(
                 self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
+            w.stop()
+            # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) against the default.
+            w = self.workers("prefill budget 256, 1 worker", 1, prefill_tokens_per_pass=256)
+            out["budget256_c16"] = self.traced("stack, prefill budget 256", lambda: loadgen.closed_loop(
+                self.url, 16, self.n(48), NEW_TOKENS))
             w.stop()
             w = self.workers("INT8 weights, 1 worker", 1, quantize="int8")
             out["stack_int8"] = {f"c{c}": self.load("stack, INT8 weights", lambda c=c, n=n: loadgen.closed_loop(
@@ -448,7 +455,7 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *peers_section(out), "", *quantized_section(out), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+    lines += ["", *peers_section(out), "", *quantized_section(out), "", *compiled_section(out["compiled"]), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
               "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
@@ -501,7 +508,8 @@ def peers_section(out: dict) -> list[str]:
 
 def ttft_trace_section(out: dict) -> list[str]:
     """Where the stack's time to first token goes at 16 chats: means of each stage, from the worker's histograms."""
-    runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again")) if r and "ttft_trace" in r]
+    runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again"), out.get("budget256_c16"))
+            if r and "ttft_trace" in r]
     if not runs:
         return []
     stages = [("web_and_relay", "the web tier before acceptance, and the first token's way back (client less worker)"),
@@ -519,7 +527,23 @@ def ttft_trace_section(out: dict) -> list[str]:
         lines.append(f"| {what} | " + " | ".join(f"{r['ttft_trace'][key]:.1f}" for r in runs) + " |")
     lines.append("| the client's time to first token, mean | " +
                  " | ".join(f"{r['ttft_trace']['client']:.1f}" for r in runs) + " |")
-    return lines
+    if "budget256_c16" not in out:
+        return lines
+    new, old = out["stack"]["c16"], out["budget256_c16"]
+    budget = Settings().prefill_tokens_per_pass
+    itl = new["itl_mean_ms"] / old["itl_mean_ms"]
+    return lines + [
+        "", f"The prefill budget beside decoding rows, {budget} tokens (the default) against 256 (as it was), the "
+        "same load in the same run:", "",
+        f"| figure | {budget} | 256 | {budget} / 256 | target |", "| --- | --- | --- | --- | --- |",
+        f"| TTFT p50 ms | {new['ttft_ms']['p50']} | {old['ttft_ms']['p50']} | "
+        f"{new['ttft_ms']['p50'] / old['ttft_ms']['p50']:.2f}x | |",
+        f"| ITL mean ms (the rows decoding, prompt passes among them) | {new['itl_mean_ms']} | {old['itl_mean_ms']} "
+        f"| {itl:.2f}x | ≤ 1.1x: {_yes(itl <= 1.1)} |",
+        f"| ITL p50 / p99 ms | {new['itl_ms']['p50']} / {new['itl_ms']['p99']} | {old['itl_ms']['p50']} / "
+        f"{old['itl_ms']['p99']} | | |",
+        f"| tok/s | {new['tokens_per_s']} | {old['tokens_per_s']} | "
+        f"{new['tokens_per_s'] / old['tokens_per_s']:.2f}x | |"]
 
 
 def quantized_section(out: dict) -> list[str]:
@@ -552,6 +576,28 @@ def quantized_section(out: dict) -> list[str]:
               f"- kept as the default: {_yes(keep)} (only with no right answer lost, a faster lone request and 16 "
               "chats no slower)"]
     return lines
+
+
+def compiled_section(c: dict) -> list[str]:
+    return [
+        "## Compiling the decoding pass", "",
+        "`python -m scripts.bench_probe compiled 0`: the lean pass of one decoding row (the lone request's step), "
+        "compiled whole by `torch.compile` (inductor, freezing: one graph, every weight a constant it prepacks "
+        f"itself) against the engine's eager pass on its prepacked layers, {c['dtype']}, alternated over 10 rounds "
+        "of 20 passes.", "",
+        "| figure | measured |", "| --- | --- |",
+        f"| compile time (2 threads, one row count, one span) | {c['compile_s']:.1f} s |",
+        f"| memory the compiled pass added | {c['memory_mb']:.0f} MB |",
+        f"| lone pass, compiled / eager | {c['compiled_ms']:.1f} ms / {c['eager_ms']:.1f} ms = "
+        f"{c['compiled_over_eager']:.2f}x |",
+        f"| logits bit for bit the eager pass's | {_yes(c['bit_for_bit'])} (largest difference "
+        f"{c['max_logit_difference']:.3g}; same greedy token: {_yes(c['same_greedy_token'])}) |", "",
+        ("The engine does not compile: here the compiled pass was no faster (a lone pass is mostly one read of "
+         "the weights, which compiling leaves as it is)" if c["compiled_over_eager"] >= 0.95 else
+         "The compiled pass was faster here; the engine still does not compile") +
+        ", and a pass that rounds otherwise than the eager one would give a request different text alone (the "
+        "one row count compiled) than in a batch, unless every row count and span were compiled alike.",
+    ]
 
 
 def reuse_section(r: dict) -> list[str]:

@@ -6,6 +6,7 @@
     python -m scripts.bench_probe invariance 0 bfloat16  # what batch invariance costs the engine in a dtype
     python -m scripts.bench_probe reuse     # prompts kept across turns, on and off
     python -m scripts.bench_probe quantized # INT8 weights against the model's dtype: answers and speed
+    python -m scripts.bench_probe compiled  # a lone decoding pass compiled whole against the engine's eager one
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
 """
@@ -349,8 +350,76 @@ def reuse(threads: int, rounds: str = "3") -> dict:
             eng.stop()
 
 
+def _lone_pass(lean, kv_heads: int, head_dim: int, layers: int, dtype: torch.dtype, span: int = 128):
+    """A function of (ids, positions, mask) that runs ``lean`` (a LlamaPass) for one decoding row over a cache of
+    its own: keys and values written in place, SDPA over ``span`` positions, as the engine's bfloat16 pass does."""
+    keys = torch.zeros(layers, kv_heads, span, head_dim, dtype=dtype)
+    values = torch.zeros_like(keys)
+    keep = torch.zeros(1, dtype=torch.long)
+
+    def step(ids, positions, mask):
+        def write(i, k, v):
+            keys[i].index_copy_(1, positions, k.transpose(0, 1))
+            values[i].index_copy_(1, positions, v.transpose(0, 1))
+
+        def attend(i, module, queries):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                queries.view(1, kv_heads, -1, head_dim), keys[i][None], values[i][None], attn_mask=mask,
+                scale=module.scaling)
+            return out.view(1, -1, head_dim)
+
+        return lean(ids, positions, write, attend, keep)
+
+    return step
+
+
+def compiled(threads: int, rounds: str = "10") -> dict:
+    """The lean pass of one decoding row compiled whole (torch.compile, inductor with freezing, which prepacks the
+    weights itself) against the engine's eager pass on its prepacked layers; alternated, each timed over 20 passes
+    a round; compile time, the memory it took, and whether its logits are the eager pass's bit for bit."""
+    import psutil
+    import torch._dynamo
+    import torch._inductor.config
+    from workers.fusion import LlamaPass
+    torch._inductor.config.freezing = True
+    torch._dynamo.config.cache_size_limit = 256  # one graph: every layer's weights are constants of it
+    plain = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, prepack_rows=0)
+    packed = load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads)
+    cfg = plain.model.config
+    dims = (cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.num_hidden_layers, plain.dtype)
+    ids, positions = torch.tensor([100]), torch.tensor([60])
+    mask = torch.zeros(1, 1, 1, 128, dtype=plain.dtype)
+    mask[..., 61:] = float("-inf")
+    process = psutil.Process()
+    with torch.inference_mode():
+        eager_plain = _lone_pass(LlamaPass.of(plain.model, 2048), *dims)
+        want = eager_plain(ids, positions, mask)
+        rss = process.memory_info().rss
+        started = time.perf_counter()
+        fast = torch.compile(_lone_pass(LlamaPass.of(plain.model, 2048), *dims), dynamic=False)
+        got = fast(ids, positions, mask)
+        compile_s = time.perf_counter() - started
+        grown_mb = (process.memory_info().rss - rss) / 2**20
+        eager = _lone_pass(LlamaPass.of(packed.model, 2048), *dims)
+        times = {"compiled": [], "eager": []}
+        for r in range(int(rounds)):
+            for way, fn in (("compiled", fast), ("eager", eager)) if r % 2 == 0 else (("eager", eager),
+                                                                                    ("compiled", fast)):
+                fn(ids, positions, mask)
+                started = time.perf_counter()
+                for _ in range(20):
+                    fn(ids, positions, mask)
+                times[way].append((time.perf_counter() - started) / 20)
+    return {"dtype": str(plain.dtype).removeprefix("torch."), "compile_s": compile_s, "memory_mb": grown_mb,
+            "compiled_ms": 1000 * statistics.median(times["compiled"]),
+            "eager_ms": 1000 * statistics.median(times["eager"]),
+            "compiled_over_eager": statistics.median(a / b for a, b in zip(times["compiled"], times["eager"])),
+            "bit_for_bit": torch.equal(got, want), "max_logit_difference": (got.float() - want.float()).abs().max().item(),
+            "same_greedy_token": got.argmax().item() == want.argmax().item()}
+
+
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
     probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance, "reuse": reuse,
-              "quantized": quantized}
+              "quantized": quantized, "compiled": compiled}
     print(json.dumps(probes[what](threads, *sys.argv[3:])))
