@@ -2,7 +2,8 @@
 
 What transformers ships and what is written here: the model's own modules
 (embedding, norms, linear layers, activation) and SDPA (for pieces of
-prompts) do the work. Decoding rows attend through :func:`attend`. A model
+prompts, and for decoding rows in bfloat16) do the work. Decoding rows
+attend through :func:`attend`. A model
 whose Llama layers were fused (:mod:`workers.fusion`) runs them in
 :class:`workers.fusion.LlamaPass`, the same operations without transformers'
 forward around them; any other model runs through its own forward, with
