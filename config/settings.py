@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     prepack: bool = True
     fuse_projections: bool = True
     # "int8": linear layers with INT8 weights (one scale per output) instead of the model's dtype, on CPU. Off by
-    # default: it answered the factual questions as the plain model did and a lone request faster, but 16 chats
-    # slower (docs/benchmarks.md, "INT8 weights").
+    # default: a lone request's tokens came faster, but 16 chats' slower, and it lost factual answers the plain
+    # model got right (docs/benchmarks.md, "INT8 weights").
     quantize: Literal["none", "int8"] = "none"
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)

@@ -81,15 +81,16 @@ def attend(module, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     kernel: a third of the time of two batched products and a softmax at one
     row, 0.6x at 16 rows of 512 positions, and each row computed alike at any
     row count); in float32 its kernel computed a row differently alone than
-    in a batch, so there two batched matrix products and a float32 softmax do
-    it. A prompt's piece goes through transformers' SDPA attention over its
+    in a batch, so there (and on a GPU, whose SDPA kernels may split the
+    positions by the batch's size) two batched matrix products and a float32
+    softmax do it. A prompt's piece goes through transformers' SDPA attention over its
     own row, so its arithmetic depends on the prompt alone.
     """
     tokens, heads, dim = rows.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
     out = rows.new_empty(tokens, heads, dim)
-    fused = rows.dtype == torch.bfloat16
+    fused = uses_sdpa(rows.dtype, rows.device)
     for start, stop, span, bias in plan.decode_groups:  # bias: 0 to attend, -inf beyond the row
         k, v = key[start:stop, :, :span], value[start:stop, :, :span]
         if fused:
@@ -109,6 +110,11 @@ def attend(module, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
                                           scaling=scale, dropout=0.0)
         out[offset:offset + length] = piece[0]
     return out
+
+
+def uses_sdpa(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decoding rows attend through SDPA (:func:`attend`): bfloat16 on a CPU."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -290,7 +296,7 @@ class ModelRunner:
         span = max(spans)
         allowed = torch.arange(span, device=dev)[None, :] <= lengths[:, None]
         bias = torch.zeros(allowed.shape, dtype=lm.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        if lm.dtype == torch.bfloat16:  # SDPA's mask: (rows, 1, 1, span), the same for every head
+        if uses_sdpa(lm.dtype, dev):  # SDPA's mask: (rows, 1, 1, span), the same for every head
             bias, kv = bias.view(len(decoding), 1, 1, span), 1
         else:  # baddbmm's: (rows * key heads, 1, span)
             kv = self._kv_heads
