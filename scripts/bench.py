@@ -255,12 +255,12 @@ class Bench:
             w.stop()
             # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) against the default,
             # alternated twice, a fresh worker each time.
-            out["budgets"] = {"256": [], "default": []}
-            for _ in range(2):
-                for budget in ("256", "default"):
-                    w = self.workers(f"prefill budget {budget}, 1 worker", 1,
-                                     prefill_tokens_per_pass=256 if budget == "256" else Settings().prefill_tokens_per_pass)
-                    out["budgets"][budget].append(self.traced(f"stack, prefill budget {budget}", lambda: (
+            budgets = {"256": 256, "default": self.base.prefill_tokens_per_pass}
+            out["budgets"] = {name: [] for name in budgets}
+            for i in range(2):
+                for name, tokens in budgets.items():
+                    w = self.workers(f"prefill budget {tokens}, 1 worker", 1, prefill_tokens_per_pass=tokens)
+                    out["budgets"][name].append(self.traced(f"stack, prefill budget {tokens}, run {i + 1}", lambda: (
                         loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
                     w.stop()
             w = self.workers("INT8 weights, 1 worker", 1, quantize="int8")

@@ -137,10 +137,9 @@ FACTUAL = ROOT / "scripts" / "factual_questions.json"
 FACTUAL_TOKENS = 48
 
 
-def factual(engine) -> list[bool]:
+def factual(engine, questions: list[dict]) -> list[bool]:
     """Whether the engine's greedy reply to each factual question is right (submitted together: a row's text does
     not depend on its batch)."""
-    questions = json.loads(FACTUAL.read_text())["questions"]
     tok = engine.loaded.tokenizer
     futures = [engine.submit(build_prompt_ids(tok, SYSTEM, [{"role": "user", "content": q["q"]}], 1000),
                              SamplingParams(FACTUAL_TOKENS), lambda _: None) for q in questions]
@@ -155,8 +154,8 @@ def quantized(threads: int, rounds: str = "3") -> dict:
                                     shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
                for mode in ("none", "int8")}
     try:
-        right = {mode: factual(eng) for mode, eng in engines.items()}
         questions = json.loads(FACTUAL.read_text())["questions"]
+        right = {mode: factual(eng, questions) for mode, eng in engines.items()}
         all_ids = prompts(engines["none"].loaded)
         itl, tps = {m: [] for m in engines}, {m: [] for m in engines}
         for r in range(int(rounds)):

@@ -239,7 +239,8 @@ def summarize(run: Run) -> dict:
         "errors": sum(1 for s in run.samples if s.error is not None),
         "error_kinds": dict(Counter(s.error for s in run.samples if s.error is not None)),
         "ttft_ms": _pct(ttft), "ttft_mean_ms": round(1000 * float(np.mean(ttft)), 1) if ttft else None,
-        "itl_ms": _pct(itl), "itl_mean_ms": round(1000 * float(np.mean(itl)), 1) if itl else None, "ttft_stack_overhead_ms": _pct(overhead), "output_tokens": tokens,
+        "itl_ms": _pct(itl), "itl_mean_ms": round(1000 * float(np.mean(itl)), 1) if itl else None,
+        "ttft_stack_overhead_ms": _pct(overhead), "output_tokens": tokens,
         "wall_s": round(run.wall_s, 2), "tokens_per_s": round(tokens / run.wall_s, 1) if run.wall_s else 0.0,
         "saturated_tokens_per_s": None if (sat := saturated_tokens_per_s(run)) is None else round(sat, 1),
     }

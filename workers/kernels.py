@@ -85,13 +85,12 @@ class Int8Linear(nn.Module):
         most = w.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
         # Each output's scale: its largest weight, or a little less where clipping that one loses less than the
         # finer steps win for all the others (the least squared error of the few tried).
-        best_scale, best_error = None, None
+        best_scale, best_error = torch.zeros_like(most), torch.full_like(most, float("inf"))
         for clip in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75):
             scale = (most * clip / 127).to(weight.dtype).float()  # as the kernel will have it
             error = ((torch.round(w / scale).clamp(-127, 127) * scale - w) ** 2).sum(dim=1, keepdim=True)
-            better = error < best_error if best_error is not None else torch.ones_like(error, dtype=torch.bool)
-            best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
-            best_error = error if best_error is None else torch.where(better, error, best_error)
+            best_scale = torch.where(error < best_error, scale, best_scale)
+            best_error = torch.minimum(error, best_error)
         self.qweight = torch.round(w / best_scale).clamp(-127, 127).to(torch.int8)
         self.scales = best_scale[:, 0].to(weight.dtype)
         self.bias = None if linear.bias is None else linear.bias.detach()
@@ -188,8 +187,8 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
     most = counts[-1]
     block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
     block = -(-block // most) * most  # whole groups of the largest count
-    weight = {PackedLinear: "packed", Int8Linear: "scales"}.get(type(layer), "weight")
-    weight = getattr(layer, weight)  # its device and the dtype it computes in
+    # A tensor with the layer's device and the dtype it computes in.
+    weight = getattr(layer, {PackedLinear: "packed", Int8Linear: "scales"}.get(type(layer), "weight"))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
     layer = on_rows(layer)

@@ -126,9 +126,11 @@ def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
     assert together == alone
 
 
-def test_with_int8_weights_greedy_output_does_not_depend_on_the_batch_either():
-    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), quantize="int8"), max_batch=8,
-                            max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_with_int8_weights_greedy_output_does_not_depend_on_the_batch_either(dtype):
+    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype, quantize="int8"),
+                            max_batch=8, max_tokens=512,
+                            shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         loaded = engine.loaded
         assert "INT8 weights" in loaded.kernels
