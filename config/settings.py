@@ -8,7 +8,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import AliasChoices, Field, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,10 @@ DEFAULT_MODEL_DIR = DEFAULT_MODELS_DIR / DEFAULT_MODEL
 MODEL_DECLARATION = "chatqueue.json"
 # Signs session cookies; accepted only while the servers listen on loopback.
 DEFAULT_SECRET_KEY = "change-me-in-production"
+
+# Linear layers' weights: as loaded, or quantized (workers.kernels.QUANTIZED).
+Quantize = Literal["none", "int8", "int4"]
+QUANTIZE_MODES = get_args(Quantize)[1:]
 
 
 class Settings(BaseSettings):
@@ -58,14 +62,20 @@ class Settings(BaseSettings):
     torch_threads: int = 0
     prepack: bool = True
     fuse_projections: bool = True
-    # "int8": linear layers with INT8 weights (one scale per output) instead of the model's dtype, on CPU. Off by
-    # default: a lone request's tokens came faster, but 16 chats' slower, and it lost factual answers the plain
-    # model got right (docs/benchmarks.md, "INT8 weights").
-    quantize: Literal["none", "int8"] = "none"
+    # "int8" / "int4": linear layers with INT8 weights (one scale per output) or INT4 weights (16 steps a group of
+    # 32, as a Q4_1 file holds them) instead of the model's dtype, on CPU; the vocabulary projection keeps it. Off
+    # by default: a lone request's tokens came faster, but 16 chats' slower, and each lost factual answers the
+    # plain model got right (docs/benchmarks.md, "Quantized weights").
+    quantize: Quantize = "none"
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)
     prefill_tokens_per_pass: int = Field(64, ge=1)
+    # How much lower the engine thread's CPU priority is (Linux nice, added to the worker's) than the rest of the
+    # worker and the host's other processes: the engine takes every core it is given, and the web tier, Redis,
+    # PostgreSQL and the worker's own Celery consumer, which a new chat passes through before its first token,
+    # would otherwise wait their turn behind it on a host they share. 0 leaves it as the worker's.
+    engine_nice: int = Field(5, ge=0, le=19)
     # Memory a worker keeps the prompts of finished requests in, for the next turn of their conversations to
     # compute only what is new; 0 turns the reuse off.
     prefix_cache_mb: float = Field(512, ge=0)

@@ -23,7 +23,7 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import ROOT, Settings
+from config.settings import QUANTIZE_MODES, ROOT, Settings
 from scripts import loadgen, overload, peers
 from scripts.services import (
     PostgresPair,
@@ -214,7 +214,7 @@ class Bench:
         out["invariance"] = {dtype: probe("invariance", 0, dtype) for dtype in DTYPES}
         logger.info("Prompts kept across turns: a long conversation's turn 6 with and without")
         out["reuse"] = probe("reuse", 0)
-        logger.info("INT8 weights against the model's dtype: the factual questions, a lone request, 16 at once")
+        logger.info("INT8 and INT4 weights against the model's dtype: the factual questions, a lone request, 16 at once")
         out["quantized"] = probe("quantized", 0)
         logger.info("A lone decoding pass compiled whole against the engine's eager one")
         out["compiled"] = probe("compiled", 0)
@@ -263,10 +263,21 @@ class Bench:
                     out["budgets"][name].append(self.traced(f"stack, prefill budget {tokens}, run {i + 1}", lambda: (
                         loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
                     w.stop()
-            w = self.workers("INT8 weights, 1 worker", 1, quantize="int8")
-            out["stack_int8"] = {f"c{c}": self.load("stack, INT8 weights", lambda c=c, n=n: loadgen.closed_loop(
-                self.url, c, self.n(n), NEW_TOKENS)) for c, n in ((1, 8), (16, 48))}
-            w.stop()
+            # The engine at the worker's priority against the default (CHAT_ENGINE_NICE), alternated twice.
+            nice = {"0": 0, "default": self.base.engine_nice}
+            out["nice"] = {name: [] for name in nice}
+            for i in range(2):
+                for name, value in nice.items():
+                    w = self.workers(f"engine nice {value}, 1 worker", 1, engine_nice=value)
+                    out["nice"][name].append(self.traced(f"stack, engine nice {value}, run {i + 1}", lambda: (
+                        loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
+                    w.stop()
+            out["stack_quantized"] = {}
+            for mode in QUANTIZE_MODES:
+                w = self.workers(f"{mode.upper()} weights, 1 worker", 1, quantize=mode)
+                out["stack_quantized"][mode] = {f"c{c}": self.load(f"stack, {mode.upper()} weights", lambda c=c, n=n: (
+                    loadgen.closed_loop(self.url, c, self.n(n), NEW_TOKENS))) for c, n in ((1, 8), (16, 48))}
+                w.stop()
             out["peers"] = self.peers(installed, out["gauge_before"]["dtype"])
 
             # Metrics on against off: the same 16-chat load, alternated, a fresh worker each time.
@@ -501,10 +512,11 @@ def peers_section(out: dict) -> list[str]:
         lone = ok["llama.cpp"]["c1"]["itl_ms"]["p50"]
         ratio = stack["c1"]["itl_ms"]["p50"] / lone
         lines.append(f"| lone ITL p50, stack / llama.cpp | {ratio:.2f}x | ≤ 1x (native bfloat16) | {_yes(ratio <= 1)} |")
-        if "stack_int8" in out:
-            ratio = out["stack_int8"]["c1"]["itl_ms"]["p50"] / lone
-            lines.append(f"| lone ITL p50, stack with INT8 weights (`CHAT_QUANTIZE=int8`) / llama.cpp | {ratio:.2f}x "
-                         f"| ≤ 1x, and no right answer lost (below) | {_yes(ratio <= 1)} |")
+        for mode, run in out.get("stack_quantized", {}).items():
+            ratio = run["c1"]["itl_ms"]["p50"] / lone
+            kept = not out["quantized"]["lost"][mode]
+            lines.append(f"| lone ITL p50, stack with {mode.upper()} weights (`CHAT_QUANTIZE={mode}`) / llama.cpp | "
+                         f"{ratio:.2f}x | ≤ 1x, and no right answer lost (below) | {_yes(ratio <= 1 and kept)} |")
     ratio = stack["c16"]["ttft_ms"]["p50"] / best_ttft
     lines.append(f"| TTFT p50 at 16 chats, stack / best peer ({best_ttft} ms) | {ratio:.2f}x | < 0.3x | "
                  f"{_yes(ratio < 0.3)} |")
@@ -513,8 +525,8 @@ def peers_section(out: dict) -> list[str]:
 
 def ttft_trace_section(out: dict) -> list[str]:
     """Where the stack's time to first token goes at 16 chats: means of each stage, from the worker's histograms."""
-    runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again"), *out.get("budgets", {}).get("256", []))
-            if r and "ttft_trace" in r]
+    runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again"), *out.get("budgets", {}).get("256", []),
+                        *out.get("nice", {}).get("0", [])) if r and "ttft_trace" in r]
     if not runs:
         return []
     stages = [("web_and_relay", "the web tier before acceptance, and the first token's way back (client less worker)"),
@@ -532,26 +544,39 @@ def ttft_trace_section(out: dict) -> list[str]:
         lines.append(f"| {what} | " + " | ".join(f"{r['ttft_trace'][key]:.1f}" for r in runs) + " |")
     lines.append("| the client's time to first token, mean | " +
                  " | ".join(f"{r['ttft_trace']['client']:.1f}" for r in runs) + " |")
-    if "budgets" not in out:
-        return lines
-    budget = Settings().prefill_tokens_per_pass
-    new, old = out["budgets"]["default"], out["budgets"]["256"]
+    if "budgets" in out:
+        budget = Settings().prefill_tokens_per_pass
+        lines += alternated_table(
+            out["budgets"]["default"], out["budgets"]["256"], str(budget), "256",
+            f"The prefill budget beside decoding rows, {budget} tokens (the default) against 256 (as it was)")
+    if "nice" in out:
+        nice = Settings().engine_nice
+        lines += alternated_table(
+            out["nice"]["default"], out["nice"]["0"], f"nice {nice}", "nice 0",
+            f"The engine thread {nice} below the rest of the host (`CHAT_ENGINE_NICE`, the default) against at the "
+            "worker's priority (0)")
+    return lines
+
+
+def alternated_table(new: list[dict], old: list[dict], new_name: str, old_name: str, what: str) -> list[str]:
+    """Two settings on the same 16-chat load, alternated (``old`` first): medians, and the median of the pairs'
+    ratios, each pair taken close together."""
 
     def med(runs: list[dict], pick) -> float:
         return statistics.median(pick(r) for r in runs)
 
-    def ratio(pick) -> float:  # the median of the pairs' own ratios: each pair taken close together
+    def ratio(pick) -> float:
         return statistics.median(pick(a) / pick(b) for a, b in zip(new, old))
 
     rows = [("TTFT p50 ms", lambda r: r["ttft_ms"]["p50"], ""),
+            ("TTFT mean ms", lambda r: r["ttft_mean_ms"], ""),
             ("ITL p50 ms", lambda r: r["itl_ms"]["p50"], "≤ 1.1x"),
             ("ITL mean ms (prompt passes among the gaps)", lambda r: r["itl_mean_ms"], ""),
             ("ITL p99 ms", lambda r: r["itl_ms"]["p99"], ""),
             ("tok/s", lambda r: r["tokens_per_s"], "")]
-    lines += ["", f"The prefill budget beside decoding rows, {budget} tokens (the default) against 256 (as it was): the "
-              "same 16-chat load, a fresh worker each, alternated twice (256 first); medians, and the median of the "
-              "pairs' ratios:", "", f"| figure | {budget} | 256 | {budget} / 256 | target |",
-              "| --- | --- | --- | --- | --- |"]
+    lines = ["", f"{what}: the same 16-chat load, a fresh worker each, alternated {len(new)} times ({old_name} first); "
+             "medians, and the median of the pairs' ratios:", "",
+             f"| figure | {new_name} | {old_name} | {new_name} / {old_name} | target |", "| --- | --- | --- | --- | --- |"]
     for name, pick, target in rows:
         r = ratio(pick)
         met = f"{target}: {_yes(r <= 1.1)}" if target else ""
@@ -560,34 +585,56 @@ def ttft_trace_section(out: dict) -> list[str]:
 
 
 def quantized_section(out: dict) -> list[str]:
-    """INT8 weights against the model's dtype: engine alone, and through the stack."""
+    """INT8 and INT4 weights against the model's dtype: engine alone, and through the stack."""
     q = out["quantized"]
-    lost = ", ".join(f"\"{x}\"" for x in q["lost"]) or "none"
-    gained = ", ".join(f"\"{x}\"" for x in q["gained"]) or "none"
-    lines = ["## INT8 weights", "",
+    modes = list(q["lost"])
+    names = {"int8": "INT8", "int4": "INT4"}
+    lines = ["## Quantized weights", "",
              f"`python -m scripts.bench_probe quantized 0`: the engine alone (no stack), 16 slots, {q['dtype']}, with "
-             "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default) and with INT8 weights, "
-             "one scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`). First "
+             "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default); with INT8 weights, one "
+             "scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`); and with INT4 "
+             "weights, 16 steps between each group of 32 weights' least and largest (as a Q4_1 file holds them), "
+             "through `torch.ops.aten._weight_int4pack_mm_for_cpu` (`CHAT_QUANTIZE=int4`). The vocabulary "
+             "projection keeps the model's dtype in both. First "
              f"the {q['questions']} short factual questions of `scripts/factual_questions.json` (fixed before any "
              "quantized run), greedy; then in each of "
-             f"{q['rounds']} rounds a lone request's ITL and 16 requests at once on both engines in turn, medians.", "",
-             "| | model's dtype | INT8 weights | INT8 / dtype |", "| --- | --- | --- | --- |",
-             f"| factual questions answered right | {q['right']['none']} | {q['right']['int8']} | |",
-             f"| lone request ITL p50, engine alone | {q['itl_ms']['none']:.1f} ms | {q['itl_ms']['int8']:.1f} ms | "
-             f"{q['itl_int8_over_none']:.2f}x |",
-             f"| 16 at once, tok/s, engine alone | {q['batch16_tps']['none']:.1f} | {q['batch16_tps']['int8']:.1f} | "
-             f"{q['tps_int8_over_none']:.2f}x |"]
-    if "stack_int8" in out:
-        s, i = out["stack"], out["stack_int8"]
-        lines += [f"| lone request ITL p50, through the stack | {s['c1']['itl_ms']['p50']} ms | "
-                  f"{i['c1']['itl_ms']['p50']} ms | {i['c1']['itl_ms']['p50'] / s['c1']['itl_ms']['p50']:.2f}x |",
-                  f"| 16 chats, tok/s, through the stack | {s['c16']['tokens_per_s']} | {i['c16']['tokens_per_s']} | "
-                  f"{i['c16']['tokens_per_s'] / s['c16']['tokens_per_s']:.2f}x |"]
-    keep = not q["lost"] and q["tps_int8_over_none"] >= 1 and q["itl_int8_over_none"] < 1
-    lines += ["", f"- right with the model's dtype, wrong with INT8 weights: {lost}",
-              f"- wrong with the model's dtype, right with INT8 weights: {gained}",
-              f"- kept as the default: {_yes(keep)} (only with no right answer lost, a faster lone request and 16 "
-              "chats no slower)"]
+             f"{q['rounds']} rounds a lone request's ITL and 16 requests at once on every engine in turn, medians.", "",
+             "| | model's dtype | " + " | ".join(f"{names[m]} weights | {names[m]} / dtype" for m in modes) + " |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in modes) + " |",
+             f"| factual questions answered right | {q['right']['none']} | "
+             + " | ".join(f"{q['right'][m]} | " for m in modes) + " |",
+             f"| lone request ITL p50, engine alone | {q['itl_ms']['none']:.1f} ms | "
+             + " | ".join(f"{q['itl_ms'][m]:.1f} ms | {q['itl_over_none'][m]:.2f}x" for m in modes) + " |",
+             f"| 16 at once, tok/s, engine alone | {q['batch16_tps']['none']:.1f} | "
+             + " | ".join(f"{q['batch16_tps'][m]:.1f} | {q['tps_over_none'][m]:.2f}x" for m in modes) + " |"]
+    stacked = out.get("stack_quantized", {})
+    if all(m in stacked for m in modes):
+        s = out["stack"]
+        lines += [f"| lone request ITL p50, through the stack | {s['c1']['itl_ms']['p50']} ms | " + " | ".join(
+                      f"{stacked[m]['c1']['itl_ms']['p50']} ms | "
+                      f"{stacked[m]['c1']['itl_ms']['p50'] / s['c1']['itl_ms']['p50']:.2f}x" for m in modes) + " |",
+                  f"| 16 chats, tok/s, through the stack | {s['c16']['tokens_per_s']} | " + " | ".join(
+                      f"{stacked[m]['c16']['tokens_per_s']} | "
+                      f"{stacked[m]['c16']['tokens_per_s'] / s['c16']['tokens_per_s']:.2f}x" for m in modes) + " |"]
+    if "control_lost" in q:
+        lines.append(f"| control: the same weights unquantized in {q['control_dtype']}, answered right | "
+                     f"{q['right_control']} | " + " | ".join("|" for _ in modes) + " |")
+    lines.append("")
+    if "control_lost" in q:
+        turned = ", ".join(f"\"{x}\"" for x in q["control_lost"]) or "none"
+        lines.append(f"- the control: right in {q['dtype']}, wrong with the same weights in {q['control_dtype']}: "
+                     f"{turned}. Such answers turn with rounding alone.")
+    for m in modes:
+        lost = ", ".join(f"\"{x}\"" for x in q["lost"][m]) or "none"
+        gained = ", ".join(f"\"{x}\"" for x in q["gained"][m]) or "none"
+        keep = not q["lost"][m] and q["tps_over_none"][m] >= 1 and q["itl_over_none"][m] < 1
+        lines += [f"- {names[m]}: right with the model's dtype, wrong with {names[m]} weights: {lost}",
+                  f"- {names[m]}: wrong with the model's dtype, right with {names[m]} weights: {gained}"]
+        if "lost_in_both" in q:
+            both = ", ".join(f"\"{x}\"" for x in q["lost_in_both"][m]) or "none"
+            lines.append(f"- {names[m]}: right unquantized in both dtypes, wrong with {names[m]} weights: {both}")
+        lines.append(f"- {names[m]}: kept as the default: {_yes(keep)} (only with no right answer lost, a faster "
+                     "lone request and 16 chats no slower)")
     return lines
 
 

@@ -5,7 +5,7 @@
     python -m scripts.bench_probe engine    # the batching engine alone, no stack
     python -m scripts.bench_probe invariance 0 bfloat16  # what batch invariance costs the engine in a dtype
     python -m scripts.bench_probe reuse     # prompts kept across turns, on and off
-    python -m scripts.bench_probe quantized # INT8 weights against the model's dtype: answers and speed
+    python -m scripts.bench_probe quantized # INT8 and INT4 weights against the model's dtype: answers, speed
     python -m scripts.bench_probe compiled  # a lone decoding pass compiled whole against the engine's eager one
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from app.protocol import SamplingParams
-from config.settings import DEFAULT_MODEL_DIR, ROOT, Settings
+from config.settings import DEFAULT_MODEL_DIR, QUANTIZE_MODES, ROOT, Settings
 from scripts.loadgen import PROMPTS
 from workers.engine import BatchingEngine, GenerateEngine
 from workers.kernels import PaddedRows
@@ -147,15 +147,25 @@ def factual(engine, questions: list[dict]) -> list[bool]:
 
 
 def quantized(threads: int, rounds: str = "3") -> dict:
-    """INT8 weights (CHAT_QUANTIZE=int8) against the model's dtype: the factual questions, then in each round a
-    lone request's ITL and 16 requests' tok/s on both engines in turn (each first in turn); medians, and the
-    median of the rounds' own ratios."""
+    """Quantized weights (CHAT_QUANTIZE=int8 and int4) against the model's dtype: the factual questions, then in
+    each round a lone request's ITL and 16 requests' tok/s on every engine in turn (the order turned each round);
+    medians, and the median of the rounds' own ratios to the model's dtype."""
     engines = {mode: BatchingEngine(loader(threads, quantize=mode), max_batch=16,
                                     shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
-               for mode in ("none", "int8")}
+               for mode in ("none", *QUANTIZE_MODES)}
     try:
         questions = json.loads(FACTUAL.read_text())["questions"]
         right = {mode: factual(eng, questions) for mode, eng in engines.items()}
+        # The control: the same weights, unquantized, computed in the other dtype the engine picks on a CPU. A
+        # question whose answer turns with that rounding alone is no test of a quantization.
+        dtype = str(engines["none"].loaded.dtype).removeprefix("torch.")
+        other = "float32" if dtype != "float32" else "bfloat16"
+        control = BatchingEngine(loader(threads, dtype=other), max_batch=16,
+                                 shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+        try:
+            right_other = factual(control, questions)
+        finally:
+            control.stop()
         all_ids = prompts(engines["none"].loaded)
         itl, tps = {m: [] for m in engines}, {m: [] for m in engines}
         for r in range(int(rounds)):
@@ -163,15 +173,23 @@ def quantized(threads: int, rounds: str = "3") -> dict:
                 itl[mode].append(lone(engines[mode], all_ids)["itl_ms"])
                 tps[mode].append(batch16_tps(engines[mode], all_ids))
         return {
-            "dtype": str(engines["none"].loaded.dtype).removeprefix("torch."), "rounds": int(rounds),
+            "dtype": dtype, "rounds": int(rounds), "control_dtype": other, "right_control": sum(right_other),
+            "control_lost": [q["q"] for q, a, b in zip(questions, right["none"], right_other) if a and not b],
+            # Right unquantized in both dtypes, wrong quantized.
+            "lost_in_both": {m: [q["q"] for q, a, b, c in zip(questions, right["none"], right[m], right_other)
+                                 if a and c and not b] for m in QUANTIZE_MODES},
             "kernels": {m: e.loaded.kernels for m, e in engines.items()},
             "questions": len(questions), "right": {m: sum(r) for m, r in right.items()},
-            "lost": [q["q"] for q, a, b in zip(questions, right["none"], right["int8"]) if a and not b],
-            "gained": [q["q"] for q, a, b in zip(questions, right["none"], right["int8"]) if b and not a],
+            "lost": {m: [q["q"] for q, a, b in zip(questions, right["none"], right[m]) if a and not b]
+                     for m in QUANTIZE_MODES},
+            "gained": {m: [q["q"] for q, a, b in zip(questions, right["none"], right[m]) if b and not a]
+                       for m in QUANTIZE_MODES},
             "itl_ms": {m: statistics.median(v) for m, v in itl.items()},
             "batch16_tps": {m: statistics.median(v) for m, v in tps.items()},
-            "itl_int8_over_none": statistics.median(a / b for a, b in zip(itl["int8"], itl["none"])),
-            "tps_int8_over_none": statistics.median(a / b for a, b in zip(tps["int8"], tps["none"])),
+            "itl_over_none": {m: statistics.median(a / b for a, b in zip(itl[m], itl["none"]))
+                              for m in QUANTIZE_MODES},
+            "tps_over_none": {m: statistics.median(a / b for a, b in zip(tps[m], tps["none"]))
+                              for m in QUANTIZE_MODES},
         }
     finally:
         for eng in engines.values():

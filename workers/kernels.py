@@ -104,29 +104,81 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_linears(model: nn.Module) -> str:
-    """Swap every ``nn.Linear`` of a CPU model for an :class:`Int8Linear` (the vocabulary projection too); say what
-    was done. Call it after :func:`workers.fusion.fuse_projections` (stacking needs the plain weights) and instead
-    of :func:`pack_linears`."""
+class Int4Linear(nn.Module):
+    """Weight-only INT4 in groups: each run of :attr:`GROUP` weights of an output as 4-bit steps between the
+    group's least and largest weight (a scale and an offset per group, as llama.cpp's Q4_1 has them), through
+    ``torch.ops.aten._weight_int4pack_mm_for_cpu``; the input and output keep the model's dtype.
+
+    A model converted from a Q4_1 file holds weights that already lie on such
+    steps, 16 to a group of 32: there the groups give those weights back,
+    short only of rounding the scale and offset to the model's dtype. The
+    kernel computes each row on its own, so a row comes out alike at every
+    row count (:func:`pad_linears` checks it as any other layer).
+    """
+
+    GROUP = 32
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        groups = weight.float().view(self.out_features, -1, self.GROUP)
+        least, most = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((most - least) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        steps = torch.round((groups - least) / scale).clamp(0, 15).to(torch.int32)
+        # The kernel's weight is (step - 8) * scale + offset: the offset is the group's middle step.
+        scales_and_offsets = torch.cat((scale, least + 8 * scale), dim=-1).transpose(0, 1)
+        self.scales_and_offsets = scales_and_offsets.to(weight.dtype).contiguous()  # (groups, outputs, 2)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(steps.view(self.out_features, -1), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for input that already is (rows, in_features)."""
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.GROUP, self.scales_and_offsets)
+        return out if self.bias is None else out + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights the kernel computes with, (out_features, in_features) in float32."""
+        eye = torch.eye(self.in_features, dtype=self.scales_and_offsets.dtype)
+        return self.rows(eye).float().t()
+
+
+QUANTIZED = {"int8": (Int8Linear, "INT8 weights (one scale per output)"),
+             "int4": (Int4Linear, f"INT4 weights (a scale and an offset per {Int4Linear.GROUP} weights)")}
+
+
+def quantize_linears(model: nn.Module, mode: str = "int8", head: nn.Module | None = None) -> str:
+    """Swap every ``nn.Linear`` of a CPU model but ``head`` for an :class:`Int8Linear` or :class:`Int4Linear`
+    (``mode``: a key of :data:`QUANTIZED`); say what was done. Call it after
+    :func:`workers.fusion.fuse_projections` (stacking needs the plain weights), then :func:`pack_linears` for
+    ``head``, which keeps the model's dtype: the vocabulary projection, whose rounding picks the token (a Q4_1
+    file holds its layers in 4 bits, but that one in 8)."""
+    kind, said = QUANTIZED[mode]
     first = next(model.parameters())
     if first.device.type != "cpu":
-        return f"weights as loaded (INT8 weights are for CPUs, not {first.device.type})"
-    swaps = [(parent, name, Int8Linear(child)) for parent, name, child in _linears(model)
-             if isinstance(child, nn.Linear)]
+        return f"weights as loaded (quantized weights are for CPUs, not {first.device.type})"
+    linears = [(parent, name, child) for parent, name, child in _linears(model)
+               if isinstance(child, nn.Linear) and child is not head]
+    if kind is Int4Linear and any(child.in_features % Int4Linear.GROUP for _, _, child in linears):
+        return f"weights as loaded (INT4 groups of {Int4Linear.GROUP} do not divide every layer's inputs)"
+    swaps = [(parent, name, kind(child)) for parent, name, child in linears]
     for parent, name, layer in swaps:
         setattr(parent, name, layer)
-    return f"{len(swaps)} linear layers with INT8 weights (one scale per output)"
+    return f"{len(swaps)} linear layers with {said}"
 
 
 def on_rows(linear: nn.Module):
     """A function of (rows, in_features) input that computes ``linear``, without module call overhead where it can."""
-    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows, Int8Linear)) else linear
+    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows, Int8Linear, Int4Linear)) else linear
 
 
 def _linears(module: nn.Module):
     """(parent, name, layer) of every linear layer below ``module``, a padded one as one layer."""
     for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows, Int8Linear)):
+        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows, Int8Linear, Int4Linear)):
             yield module, name, child
         else:
             yield from _linears(child)
@@ -188,7 +240,8 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
     block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
     block = -(-block // most) * most  # whole groups of the largest count
     # A tensor with the layer's device and the dtype it computes in.
-    weight = getattr(layer, {PackedLinear: "packed", Int8Linear: "scales"}.get(type(layer), "weight"))
+    weight = getattr(layer, {PackedLinear: "packed", Int8Linear: "scales",
+                             Int4Linear: "scales_and_offsets"}.get(type(layer), "weight"))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
     layer = on_rows(layer)

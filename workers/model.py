@@ -94,7 +94,8 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
     (:func:`workers.fusion.fuse_projections`). ``prepack_rows`` > 0 prepacks a
     CPU model's linear layers for batches of about that many rows
     (:func:`workers.kernels.pack_linears`); 0 leaves them plain. ``quantize``
-    "int8" gives them INT8 weights instead (:func:`workers.kernels.quantize_linears`).
+    "int8" or "int4" gives them quantized weights instead, all but the vocabulary
+    projection (:func:`workers.kernels.quantize_linears`).
     """
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -109,8 +110,10 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
         raise
     model.eval()
     fusion = fuse_projections(model) if fuse else "projections as transformers ships them (fusing off)"
-    if quantize == "int8":
-        packing = quantize_linears(model)
+    if quantize != "none":
+        packing = quantize_linears(model, quantize, head=model.get_output_embeddings())
+        if prepack_rows > 0:  # the vocabulary projection, left in the model's dtype
+            packing += "; the vocabulary projection: " + pack_linears(model, prepack_rows)
     elif prepack_rows > 0:
         packing = pack_linears(model, prepack_rows)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -35,9 +36,10 @@ def engines():
 
     def get(dtype: str) -> BatchingEngine:
         if dtype not in started:
-            # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached.
+            # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached, and run
+            # below the other threads.
             started[dtype] = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype),
-                                            max_batch=8, max_tokens=512, prefix_cache_mb=64,
+                                            max_batch=8, max_tokens=512, prefix_cache_mb=64, nice=ENGINE_NICE,
                                             shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
         return started[dtype]
 
@@ -64,6 +66,11 @@ def loaded(engine):
 
 
 SYSTEM = "You are a helpful assistant."
+ENGINE_NICE = 3
+
+
+def nice_of(thread_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, thread_id)
 
 
 def ids(loaded, prompt: str, system: str = SYSTEM) -> list[int]:
@@ -118,6 +125,16 @@ def test_greedy_answer_alone_matches_generate(engine, loaded):
     assert run(engine, loaded, PROMPTS[1], 48).text == longer.text
 
 
+def test_the_engine_and_its_torch_threads_run_below_the_rest_of_the_process(engine):
+    base = nice_of(threading.get_native_id())
+    assert nice_of(engine._thread.native_id) == min(base + ENGINE_NICE, 19)
+    run(engine, engine.loaded, PROMPTS[1])  # its torch threads are at work, started from its thread
+    below = [int(t.name) for t in os.scandir("/proc/self/task") if nice_of(int(t.name)) == min(base + ENGINE_NICE, 19)]
+    print(f"threads below the process's {base}: {len(below)}, torch threads: {torch.get_num_threads()}")
+    assert engine._thread.native_id in below and len(below) >= torch.get_num_threads()
+    assert nice_of(threading.get_native_id()) == base  # the rest of the process as it was
+
+
 def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
     engine, loaded = each_dtype, each_dtype.loaded
     alone = [run(engine, loaded, p).text for p in PROMPTS]
@@ -127,13 +144,14 @@ def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_with_int8_weights_greedy_output_does_not_depend_on_the_batch_either(dtype):
-    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype, quantize="int8"),
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_with_quantized_weights_greedy_output_does_not_depend_on_the_batch_either(quantize, dtype):
+    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype, quantize=quantize),
                             max_batch=8, max_tokens=512,
                             shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         loaded = engine.loaded
-        assert "INT8 weights" in loaded.kernels
+        assert f"{quantize.upper()} weights" in loaded.kernels
         alone = [run(engine, loaded, p).text for p in PROMPTS]
         futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
         assert [f.result(120).text for f in futures] == alone

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.kernels import (Int8Linear, PackedLinear, PaddedRows, least_rows, pack_linears, pad_linears,
-                             quantize_linears, row_counts)
+from workers.kernels import (Int4Linear, Int8Linear, PackedLinear, PaddedRows, least_rows, pack_linears,
+                             pad_linears, quantize_linears, row_counts)
 
 
 def small_model() -> nn.Module:
@@ -55,13 +55,54 @@ def test_int8_weights_are_each_within_half_a_step_and_the_largest_may_be_clipped
     assert layer.qweight.abs().max() <= 127
 
 
+def test_int4_weights_compute_close_to_the_plain_layers_in_each_dtype_with_half_a_byte_a_weight():
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = small_model().to(dtype)
+        quantized = small_model().to(dtype)
+        said = quantize_linears(quantized, "int4")
+        assert said == "2 linear layers with INT4 weights (a scale and an offset per 32 weights)"
+        layer = quantized[0]
+        assert isinstance(layer, Int4Linear) and isinstance(quantized[2][0], Int4Linear)
+        assert layer.scales_and_offsets.dtype == dtype
+        assert layer.packed.nbytes == plain[0].weight.numel() // 2  # two weights a byte
+        x = torch.randn(5, 7, 64).to(dtype)
+        with torch.inference_mode():
+            want, got = plain(x).float(), quantized(x).float()
+        # 16 steps a group of 32: each weight within half a step, the products within several percent.
+        assert (got - want).norm() / want.norm() < 0.1, dtype
+
+
+def test_int4_groups_give_back_weights_that_lie_on_16_steps_as_a_q4_1_file_holds_them():
+    torch.manual_seed(2)
+    outputs, inputs = 16, 96
+    scale = torch.rand(outputs, inputs // 32, 1) * 0.01 + 0.001
+    least = torch.randn(outputs, inputs // 32, 1) * 0.02
+    steps = torch.randint(0, 16, (outputs, inputs // 32, 32))
+    steps[..., 0], steps[..., 1] = 0, 15  # each group spans its whole range, as Q4_1's do in practice
+    weight = (steps * scale + least).view(outputs, inputs)
+    linear = nn.Linear(inputs, outputs, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    layer = Int4Linear(linear)
+    with torch.inference_mode():
+        got = layer.dequantized()
+    # Only the float32 scale and offset's rounding, far below a step.
+    assert torch.allclose(got, weight, atol=1e-6), (got - weight).abs().max()
+
+
+def test_int4_needs_whole_groups_of_inputs():
+    model = nn.Sequential(nn.Linear(48, 8))
+    assert quantize_linears(model, "int4") == "weights as loaded (INT4 groups of 32 do not divide every layer's inputs)"
+    assert type(model[0]) is nn.Linear
+
+
 def test_after_padding_a_row_computes_alike_in_any_batch_on_this_machine():
-    for way in ("plain", "packed", "int8"):
+    for way in ("plain", "packed", "int8", "int4"):
         model = small_model()
         if way == "packed":
             pack_linears(model, 16)
-        elif way == "int8":
-            quantize_linears(model)
+        elif way in ("int8", "int4"):
+            quantize_linears(model, way)
         pad_linears(model, 16, 64)
         x = torch.randn(64, 64)
         with torch.inference_mode():

@@ -49,7 +49,8 @@ def build_engine(settings, after_pass=lambda: None):
         return BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,
                               prefill_tokens_per_pass=settings.prefill_tokens_per_pass,
                               shared_prefix=lambda tok: shared_prefix_ids(tok, settings.system_prompt),
-                              after_pass=after_pass, prefix_cache_mb=settings.prefix_cache_mb).start()
+                              after_pass=after_pass, prefix_cache_mb=settings.prefix_cache_mb,
+                              nice=settings.engine_nice).start()
     return GenerateEngine(load, after_pass=after_pass).start()
 
 

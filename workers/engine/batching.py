@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -40,7 +41,7 @@ class BatchingEngine:
 
     def __init__(self, model: ModelSource, max_batch: int = 16, max_tokens: int = 2048,
                  prefill_tokens_per_pass: int = 64, shared_prefix: Callable[[object], list[int]] | None = None,
-                 after_pass: Callable[[], None] = lambda: None, prefix_cache_mb: float = 0.0):
+                 after_pass: Callable[[], None] = lambda: None, prefix_cache_mb: float = 0.0, nice: int = 0):
         self._model_source = model
         self._after_pass = after_pass  # called on the engine thread once a pass's text is handed out
         # The tokens every prompt starts with (the system prompt, templated), given
@@ -51,6 +52,7 @@ class BatchingEngine:
         self.prefill_tokens_per_pass = max(prefill_tokens_per_pass, 1)
         # Memory for the prompts of finished requests, kept for the next turn of their conversations (0: none).
         self.prefix_cache_mb = prefix_cache_mb
+        self.nice = nice  # added to the engine thread's CPU niceness (and its torch threads', started from it)
         self.loaded: LoadedModel | None = None
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
@@ -123,6 +125,7 @@ class BatchingEngine:
     # --- the engine thread ----------------------------------------------------
 
     def _run(self) -> None:
+        lower_priority(self.nice)
         try:
             with torch.inference_mode():
                 self._setup()
@@ -208,6 +211,18 @@ class BatchingEngine:
         for req, reason in out.finished:
             req.emit(req.decoder.flush())
             req.future.set_result(req.result(reason))
+
+
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux: niceness is a thread's own, and the threads it
+    starts take it, torch's OpenMP team among them when this thread is the first to run torch work)."""
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + nice, 19))
+    except (AttributeError, OSError) as exc:  # no setpriority here, or not allowed: the engine runs as it is
+        logger.warning("Could not lower the engine thread's priority: %s", exc)
 
 
 def _fail(reqs: list[Request], exc: BaseException) -> None:
