@@ -142,6 +142,18 @@ class Bench:
         logger.info("Time to first token, means (ms): %s", run["ttft_trace"])
         return run
 
+    def alternated(self, what: str, setting: str, values: dict) -> dict:
+        """The 16-chat load (traced) with each of ``values`` of ``setting`` in turn, twice, a fresh worker each
+        time: {name: [run, run]}."""
+        runs = {name: [] for name in values}
+        for i in range(2):
+            for name, value in values.items():
+                w = self.workers(f"{what} {value}, 1 worker", 1, **{setting: value})
+                runs[name].append(self.traced(f"stack, {what} {value}, run {i + 1}", lambda: (
+                    loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
+                w.stop()
+        return runs
+
     def web_pid(self) -> int:
         """The gunicorn worker (under its arbiter) that serves the sockets."""
         return psutil.Process(self.procs[-1].pid).children()[0].pid
@@ -253,25 +265,11 @@ class Bench:
                 self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
             w.stop()
-            # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) against the default,
-            # alternated twice, a fresh worker each time.
-            budgets = {"256": 256, "default": self.base.prefill_tokens_per_pass}
-            out["budgets"] = {name: [] for name in budgets}
-            for i in range(2):
-                for name, tokens in budgets.items():
-                    w = self.workers(f"prefill budget {tokens}, 1 worker", 1, prefill_tokens_per_pass=tokens)
-                    out["budgets"][name].append(self.traced(f"stack, prefill budget {tokens}, run {i + 1}", lambda: (
-                        loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
-                    w.stop()
-            # The engine at the worker's priority against the default (CHAT_ENGINE_NICE), alternated twice.
-            nice = {"0": 0, "default": self.base.engine_nice}
-            out["nice"] = {name: [] for name in nice}
-            for i in range(2):
-                for name, value in nice.items():
-                    w = self.workers(f"engine nice {value}, 1 worker", 1, engine_nice=value)
-                    out["nice"][name].append(self.traced(f"stack, engine nice {value}, run {i + 1}", lambda: (
-                        loadgen.closed_loop(self.url, 16, self.n(48), NEW_TOKENS))))
-                    w.stop()
+            # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) against the default, and
+            # the engine at the worker's priority against the default (CHAT_ENGINE_NICE).
+            out["budgets"] = self.alternated("prefill budget", "prefill_tokens_per_pass",
+                                             {"256": 256, "default": self.base.prefill_tokens_per_pass})
+            out["nice"] = self.alternated("engine nice", "engine_nice", {"0": 0, "default": self.base.engine_nice})
             out["stack_quantized"] = {}
             for mode in QUANTIZE_MODES:
                 w = self.workers(f"{mode.upper()} weights, 1 worker", 1, quantize=mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -25,20 +26,31 @@ def test_packed_layers_compute_what_plain_ones_do():
         assert torch.allclose(packed(x), plain(x), rtol=1e-4, atol=1e-5)
 
 
-def test_int8_weights_compute_close_to_the_plain_layers_in_each_dtype_with_a_byte_a_weight():
+# mode: what quantize_linears says, the layer class, its weights' bytes per weight, the products' relative error
+# allowed (each weight within half a step: 255 steps an output for INT8, 16 a group of 32 for INT4).
+QUANTIZED_WAYS = {
+    "int8": ("2 linear layers with INT8 weights (one scale per output)", Int8Linear, 1, 0.05),
+    "int4": ("2 linear layers with INT4 weights (a scale and an offset per 32 weights)", Int4Linear, 0.5, 0.1),
+}
+
+
+@pytest.mark.parametrize("mode", QUANTIZED_WAYS)
+def test_quantized_weights_compute_close_to_the_plain_layers_in_each_dtype_in_fewer_bytes(mode):
+    said, kind, bytes_per_weight, tolerance = QUANTIZED_WAYS[mode]
     for dtype in (torch.float32, torch.bfloat16):
         plain = small_model().to(dtype)
         quantized = small_model().to(dtype)
-        assert quantize_linears(quantized) == "2 linear layers with INT8 weights (one scale per output)"
+        assert quantize_linears(quantized, mode) == said
         layer = quantized[0]
-        assert isinstance(layer, Int8Linear) and isinstance(quantized[2][0], Int8Linear)
-        assert layer.qweight.dtype == torch.int8 and layer.scales.dtype == dtype
-        assert layer.qweight.nbytes == plain[0].weight.numel()  # a byte a weight
+        assert isinstance(layer, kind) and isinstance(quantized[2][0], kind)
+        weights = layer.qweight if kind is Int8Linear else layer.packed
+        scales = layer.scales if kind is Int8Linear else layer.scales_and_offsets
+        assert scales.dtype == dtype
+        assert weights.nbytes == plain[0].weight.numel() * bytes_per_weight
         x = torch.randn(5, 7, 64).to(dtype)
         with torch.inference_mode():
             want, got = plain(x).float(), quantized(x).float()
-        # Each weight within half a step of its output's scale: the products stay within a few percent.
-        assert (got - want).norm() / want.norm() < 0.05, dtype
+        assert (got - want).norm() / want.norm() < tolerance, dtype
 
 
 def test_int8_weights_are_each_within_half_a_step_and_the_largest_may_be_clipped_only_to_lower_the_error():
@@ -53,23 +65,6 @@ def test_int8_weights_are_each_within_half_a_step_and_the_largest_may_be_clipped
     absmax_error = ((torch.round(linear.weight / absmax_scale) * absmax_scale - linear.weight) ** 2).sum(dim=1)
     assert torch.all(error <= absmax_error + 1e-12)
     assert layer.qweight.abs().max() <= 127
-
-
-def test_int4_weights_compute_close_to_the_plain_layers_in_each_dtype_with_half_a_byte_a_weight():
-    for dtype in (torch.float32, torch.bfloat16):
-        plain = small_model().to(dtype)
-        quantized = small_model().to(dtype)
-        said = quantize_linears(quantized, "int4")
-        assert said == "2 linear layers with INT4 weights (a scale and an offset per 32 weights)"
-        layer = quantized[0]
-        assert isinstance(layer, Int4Linear) and isinstance(quantized[2][0], Int4Linear)
-        assert layer.scales_and_offsets.dtype == dtype
-        assert layer.packed.nbytes == plain[0].weight.numel() // 2  # two weights a byte
-        x = torch.randn(5, 7, 64).to(dtype)
-        with torch.inference_mode():
-            want, got = plain(x).float(), quantized(x).float()
-        # 16 steps a group of 32: each weight within half a step, the products within several percent.
-        assert (got - want).norm() / want.norm() < 0.1, dtype
 
 
 def test_int4_groups_give_back_weights_that_lie_on_16_steps_as_a_q4_1_file_holds_them():
