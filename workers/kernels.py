@@ -117,6 +117,7 @@ class Int4Linear(nn.Module):
     """
 
     GROUP = 32
+    OUTPUTS = 16  # the kernel packs outputs in blocks of this many
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -162,23 +163,29 @@ def quantize_linears(model: nn.Module, mode: str = "int8", head: nn.Module | Non
         return f"weights as loaded (quantized weights are for CPUs, not {first.device.type})"
     linears = [(parent, name, child) for parent, name, child in _linears(model)
                if isinstance(child, nn.Linear) and child is not head]
-    if kind is Int4Linear and any(child.in_features % Int4Linear.GROUP for _, _, child in linears):
-        return f"weights as loaded (INT4 groups of {Int4Linear.GROUP} do not divide every layer's inputs)"
+    if kind is Int4Linear and any(child.in_features % Int4Linear.GROUP or child.out_features % Int4Linear.OUTPUTS
+                                  for _, _, child in linears):
+        return (f"weights as loaded (INT4 takes inputs in whole groups of {Int4Linear.GROUP} and outputs in "
+                f"{Int4Linear.OUTPUTS}s, not every layer's)")
     swaps = [(parent, name, kind(child)) for parent, name, child in linears]
     for parent, name, layer in swaps:
         setattr(parent, name, layer)
     return f"{len(swaps)} linear layers with {said}"
 
 
+# The linear layers of this module, each with a ``rows`` method.
+_OURS = (PackedLinear, PaddedRows, Int8Linear, Int4Linear)
+
+
 def on_rows(linear: nn.Module):
     """A function of (rows, in_features) input that computes ``linear``, without module call overhead where it can."""
-    return linear.rows if isinstance(linear, (PackedLinear, PaddedRows, Int8Linear, Int4Linear)) else linear
+    return linear.rows if isinstance(linear, _OURS) else linear
 
 
 def _linears(module: nn.Module):
     """(parent, name, layer) of every linear layer below ``module``, a padded one as one layer."""
     for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, PackedLinear, PaddedRows, Int8Linear, Int4Linear)):
+        if isinstance(child, (nn.Linear, *_OURS)):
             yield module, name, child
         else:
             yield from _linears(child)

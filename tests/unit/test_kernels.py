@@ -85,10 +85,11 @@ def test_int4_groups_give_back_weights_that_lie_on_16_steps_as_a_q4_1_file_holds
     assert torch.allclose(got, weight, atol=1e-6), (got - weight).abs().max()
 
 
-def test_int4_needs_whole_groups_of_inputs():
-    model = nn.Sequential(nn.Linear(48, 8))
-    assert quantize_linears(model, "int4") == "weights as loaded (INT4 groups of 32 do not divide every layer's inputs)"
-    assert type(model[0]) is nn.Linear
+def test_int4_needs_whole_groups_of_inputs_and_outputs_in_sixteens():
+    said = "weights as loaded (INT4 takes inputs in whole groups of 32 and outputs in 16s, not every layer's)"
+    for model in (nn.Sequential(nn.Linear(48, 16)), nn.Sequential(nn.Linear(64, 8))):
+        assert quantize_linears(model, "int4") == said
+        assert type(model[0]) is nn.Linear
 
 
 def test_after_padding_a_row_computes_alike_in_any_batch_on_this_machine():
