@@ -87,6 +87,18 @@ def loader(threads: int, fuse: bool = True, dtype: str = "auto", quantize: str =
                               quantize=quantize)
 
 
+def started(threads: int, prefix_cache_mb: float = 0.0, **load) -> BatchingEngine:
+    """A started 16-slot engine as a worker builds it (the system prompt's tokens cached), loading with ``load``."""
+    return BatchingEngine(loader(threads, **load), max_batch=16, prefix_cache_mb=prefix_cache_mb,
+                          shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+
+
+def turned(questions: list[dict], right: list[bool], wrong: list[bool], also: list[bool] | None = None) -> list[str]:
+    """The questions answered right in ``right`` (and in ``also``, where given) but not in ``wrong``."""
+    also = also or right
+    return [q["q"] for q, a, b, c in zip(questions, right, wrong, also) if a and c and not b]
+
+
 def gauge(threads: int) -> dict:
     loaded = loader(threads)()  # loaded on this thread, which runs the steps
     raw_step(loaded, 1, steps=8)  # warm-up
@@ -123,8 +135,7 @@ def batch16_tps(engine, all_ids: list[list[int]]) -> float:
 
 
 def engine(threads: int) -> dict:
-    eng = BatchingEngine(loader(threads), max_batch=16,
-                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    eng = started(threads)
     try:
         all_ids = prompts(eng.loaded)
         return {"lone": lone(eng, all_ids), "min_rows": eng.min_rows, "batch16_tps": batch16_tps(eng, all_ids)}
@@ -150,9 +161,7 @@ def quantized(threads: int, rounds: str = "3") -> dict:
     """Quantized weights (CHAT_QUANTIZE=int8 and int4) against the model's dtype: the factual questions, then in
     each round a lone request's ITL and 16 requests' tok/s on every engine in turn (the order turned each round);
     medians, and the median of the rounds' own ratios to the model's dtype."""
-    engines = {mode: BatchingEngine(loader(threads, quantize=mode), max_batch=16,
-                                    shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
-               for mode in ("none", *QUANTIZE_MODES)}
+    engines = {mode: started(threads, quantize=mode) for mode in ("none", *QUANTIZE_MODES)}
     try:
         questions = json.loads(FACTUAL.read_text())["questions"]
         right = {mode: factual(eng, questions) for mode, eng in engines.items()}
@@ -160,8 +169,7 @@ def quantized(threads: int, rounds: str = "3") -> dict:
         # question whose answer turns with that rounding alone is no test of a quantization.
         dtype = str(engines["none"].loaded.dtype).removeprefix("torch.")
         other = "float32" if dtype != "float32" else "bfloat16"
-        control = BatchingEngine(loader(threads, dtype=other), max_batch=16,
-                                 shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+        control = started(threads, dtype=other)
         try:
             right_other = factual(control, questions)
         finally:
@@ -174,16 +182,13 @@ def quantized(threads: int, rounds: str = "3") -> dict:
                 tps[mode].append(batch16_tps(engines[mode], all_ids))
         return {
             "dtype": dtype, "rounds": int(rounds), "control_dtype": other, "right_control": sum(right_other),
-            "control_lost": [q["q"] for q, a, b in zip(questions, right["none"], right_other) if a and not b],
+            "control_lost": turned(questions, right["none"], right_other),
             # Right unquantized in both dtypes, wrong quantized.
-            "lost_in_both": {m: [q["q"] for q, a, b, c in zip(questions, right["none"], right[m], right_other)
-                                 if a and c and not b] for m in QUANTIZE_MODES},
+            "lost_in_both": {m: turned(questions, right["none"], right[m], right_other) for m in QUANTIZE_MODES},
             "kernels": {m: e.loaded.kernels for m, e in engines.items()},
             "questions": len(questions), "right": {m: sum(r) for m, r in right.items()},
-            "lost": {m: [q["q"] for q, a, b in zip(questions, right["none"], right[m]) if a and not b]
-                     for m in QUANTIZE_MODES},
-            "gained": {m: [q["q"] for q, a, b in zip(questions, right["none"], right[m]) if b and not a]
-                       for m in QUANTIZE_MODES},
+            "lost": {m: turned(questions, right["none"], right[m]) for m in QUANTIZE_MODES},
+            "gained": {m: turned(questions, right[m], right["none"]) for m in QUANTIZE_MODES},
             "itl_ms": {m: statistics.median(v) for m, v in itl.items()},
             "batch16_tps": {m: statistics.median(v) for m, v in tps.items()},
             "itl_over_none": {m: statistics.median(a / b for a, b in zip(itl[m], itl["none"]))
@@ -201,8 +206,7 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     no padding at all (not invariant where a layer rounds by row count) and against every pass of fewer than
     two rows padded whole, at batch 1 (ITL) and 16 (tok/s). Each round takes the three in turn, each first in
     its turn; a ratio is the median of the rounds' own ratios, each taken at one speed of the machine."""
-    eng = BatchingEngine(loader(threads, dtype=dtype), max_batch=16,
-                         shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    eng = started(threads, dtype=dtype)
     padded = [m for m in eng.loaded.model.modules() if isinstance(m, PaddedRows)]
     least, min_rows = {m: m.least for m in padded}, eng.min_rows
 
@@ -332,9 +336,7 @@ def reuse(threads: int, rounds: str = "3") -> dict:
     (CHAT_PREFIX_CACHE_MB as set, 512 by default) and without (0); alone and beside 15 chats decoding; first
     turns; a multi-turn load's hit rate. Each round takes both engines in turn."""
     mb = Settings().prefix_cache_mb or 512
-    engines = {way: BatchingEngine(loader(threads), max_batch=16, prefix_cache_mb=size,
-                                   shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
-               for way, size in (("on", mb), ("off", 0))}
+    engines = {way: started(threads, prefix_cache_mb=size) for way, size in (("on", mb), ("off", 0))}
     try:
         convo = _conversation(engines["on"])
         firsts = prompts(engines["on"].loaded)
