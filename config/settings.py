@@ -65,8 +65,7 @@ class Settings(BaseSettings):
     # "int8" / "int4": linear layers with INT8 weights (one scale per output) or INT4 weights (16 steps a group of
     # 32, as a Q4_1 file holds them) instead of the model's dtype, on CPU; the vocabulary projection keeps it. Off
     # by default: a lone request's tokens came faster, but 16 chats' slower, and each lost factual answers the
-    # plain model got right (docs/benchmarks.md, "Quantized weights"). With int8, one greedy reply of the 55 factual
-    # questions was seen to differ alone and beside others (the cause not found): prefer int4.
+    # plain model got right (docs/benchmarks.md, "Quantized weights").
     quantize: Quantize = "none"
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)

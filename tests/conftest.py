@@ -19,6 +19,7 @@ import pytest
 import requests
 import websocket
 
+import workers  # noqa: F401  (first: it chooses MKL's reproducible rounding before any test's product)
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from scripts.services import (
     PostgresPair,

@@ -22,8 +22,36 @@ pass. The engine then checks whole passes of the model (see
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 from torch import nn
+
+# MKL's reproducibility setting (MKL_CBWR): its strict bit, and the names of its code branches.
+_CBWR_STRICT = 0x10000
+_CBWR_BRANCHES = {0: "off", 1: "off", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+                  9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+
+
+def mkl_mode() -> tuple[bool, str] | None:
+    """Whether MKL rounds a product alike wherever its operands lie (its strict reproducible mode), and its setting
+    as ``MKL_CBWR`` names it; None where torch's library does not expose MKL's setting (another BLAS, another build).
+
+    Read from MKL itself (its getter, which torch's library exports as
+    ``mkl_serv_cbwr_get``), since the environment variable only counts when
+    set before MKL's first call (see :mod:`workers`).
+    """
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    value = get(-1)  # every field of the setting
+    branch = _CBWR_BRANCHES.get(value & 0xFFFF, hex(value & 0xFFFF))
+    strict = bool(value & _CBWR_STRICT)
+    return strict, f"{branch},STRICT" if strict else branch
 
 
 class PackedLinear(nn.Module):

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.cpu import NATIVE_BF16, cpu_flags
 from workers.fusion import fuse_projections
-from workers.kernels import pack_linears, quantize_linears
+from workers.kernels import mkl_mode, pack_linears, quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,15 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
     else:
         packing = "plain linear layers (prepacking off)"
     kernels = f"{fusion}, {packing}"
+    mkl = mkl_mode() if device.type == "cpu" else None
+    if mkl is not None:
+        strict, setting = mkl
+        kernels += f", MKL rounding alike wherever its operands lie (MKL_CBWR={setting})" if strict else \
+            f", MKL rounding by where its operands lie (MKL_CBWR={setting})"
+        if not strict:
+            logger.warning("MKL is not in its strict reproducible mode (MKL_CBWR=%s; set before torch's first matrix "
+                           "product, see workers/__init__.py): a request's greedy text may depend on its batch",
+                           setting)
     release_freed_memory()
     eos = model.generation_config.eos_token_id
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}

@@ -143,6 +143,23 @@ def test_greedy_output_does_not_depend_on_the_batch(each_dtype):
     assert together == alone
 
 
+def test_greedy_output_does_not_depend_on_when_the_others_arrive(each_dtype):
+    """Requests that join while others decode, a few passes apart, in one order and in the reverse one."""
+    engine, loaded = each_dtype, each_dtype.loaded
+    alone = [run(engine, loaded, p, 32).text for p in PROMPTS]
+    for order in (PROMPTS, PROMPTS[::-1]):
+        futures = {}
+        for i, p in enumerate(order):
+            if i:  # the next request joins a few passes after the one before it
+                steps = engine.steps
+                deadline = time.monotonic() + 60
+                while engine.steps < steps + 1 + i % 4 and not futures[order[i - 1]].done():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+            futures[p] = engine.submit(ids(loaded, p), SamplingParams(32), lambda s: None)
+        assert [futures[p].result(120).text for p in PROMPTS] == alone
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_with_quantized_weights_greedy_output_does_not_depend_on_the_batch_either(quantize, dtype):

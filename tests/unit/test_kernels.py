@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from workers.kernels import (Int4Linear, Int8Linear, PackedLinear, PaddedRows, least_rows, pack_linears,
+from workers.engine.runner import AttentionPlan, attend
+from workers.kernels import (Int4Linear, Int8Linear, PackedLinear, PaddedRows, least_rows, mkl_mode, pack_linears,
                              pad_linears, quantize_linears, row_counts)
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def small_model() -> nn.Module:
@@ -192,3 +200,38 @@ def test_the_vocabulary_projection_is_measured_only_at_decoding_row_counts():
 def test_a_model_without_linear_layers_is_left_alone():
     model = nn.Sequential(nn.ReLU(), nn.Embedding(10, 4))
     assert pack_linears(model, 16) == "0 linear layers prepacked for oneDNN"
+
+
+def test_mkl_rounds_alike_wherever_its_operands_lie_unless_the_operator_chose_otherwise():
+    """Checked in fresh interpreters, MKL's setting read back from MKL after a product."""
+    code = ("import workers, torch; torch.randn(64, 64) @ torch.randn(64, 64); "
+            "from workers.kernels import mkl_mode; print(mkl_mode())")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+
+    def mode(**more: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env={**env, **more}, capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parents[2]).stdout.strip()
+
+    assert mode() == "(True, 'AUTO,STRICT')"
+    assert mode(MKL_CBWR="COMPATIBLE") == "(False, 'COMPATIBLE')"  # the operator's own setting is kept
+    assert mkl_mode() == (True, "AUTO,STRICT")  # and this process's, through tests/conftest.py
+
+
+def test_a_decoding_rows_attention_comes_out_alike_alone_and_beside_another_row():
+    """Real queries, keys and values (the model's layer 9 in bfloat16, one row of 34 tokens in a span of 64) whose
+    attention came out differently alone than beside any other row, on a 2-core AVX-512 machine with MKL rounding
+    by where its operands lie: PyTorch's SDPA multiplies in each thread's scratch buffer, and which thread takes a
+    head depends on the rows of the call. The greedy text of that request then depended on its batch."""
+    case = torch.load(FIXTURES / "decode_attention.pt", weights_only=True)
+    key, value, bias = case["key"], case["value"], case["bias"]
+    rows, span = case["query"].shape[0], key.shape[2]
+    queries = case["query"].reshape(rows, -1, key.shape[-1])  # (rows, heads, head dim), a key head's queries together
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            alone = attend(None, queries[:1], key, value, AttentionPlan([(0, 1, span, bias[:1])], []), case["scale"])
+            beside = attend(None, queries, key, value, AttentionPlan([(0, rows, span, bias)], []), case["scale"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], beside[0])

@@ -80,11 +80,12 @@ def attend(module, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     key is repeated. In bfloat16 that is PyTorch's SDPA (its fused CPU
     kernel: a third of the time of two batched products and a softmax at one
     row, 0.6x at 16 rows of 512 positions, and each row computed alike at any
-    row count); in float32 its kernel computed a row differently alone than
-    in a batch, so there (and on a GPU, whose SDPA kernels may split the
-    positions by the batch's size) two batched matrix products and a float32
-    softmax do it. A prompt's piece goes through transformers' SDPA attention over its
-    own row, so its arithmetic depends on the prompt alone.
+    row count, given MKL's strict reproducible mode: see :mod:`workers`); in
+    float32 its kernel computed a row differently alone than in a batch, so
+    there (and on a GPU, whose SDPA kernels may split the positions by the
+    batch's size) two batched matrix products and a float32 softmax do it. A
+    prompt's piece goes through transformers' SDPA attention over its own
+    row, so its arithmetic depends on the prompt alone.
     """
     tokens, heads, dim = rows.shape
     kv_heads = key.shape[1]
