@@ -78,14 +78,16 @@ def attend(module, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     bucket is one range of rows, sliced from the cache without copies. The
     query heads that share a key head attend as that head's queries, so no
     key is repeated. In bfloat16 that is PyTorch's SDPA (its fused CPU
-    kernel: a third of the time of two batched products and a softmax at one
-    row, 0.6x at 16 rows of 512 positions, and each row computed alike at any
-    row count, given MKL's strict reproducible mode: see :mod:`workers`); in
-    float32 its kernel computed a row differently alone than in a batch, so
-    there (and on a GPU, whose SDPA kernels may split the positions by the
-    batch's size) two batched matrix products and a float32 softmax do it. A
-    prompt's piece goes through transformers' SDPA attention over its own
-    row, so its arithmetic depends on the prompt alone.
+    kernel: 0.2x to 0.5x the time of two batched products and a softmax at
+    one row; at 16 rows measured from 0.6x to 2x theirs, run to run and
+    span to span; each row computed alike at any row count, given MKL's
+    strict reproducible mode: see :mod:`workers`). In float32 (and on a GPU,
+    whose SDPA kernels may split the positions by the batch's size) two
+    batched matrix products and a float32 softmax do it: there SDPA took
+    1.2x to 1.6x their time at 16 rows of 64 to 128 positions, and without
+    MKL's strict mode it computed most rows differently alone than in a
+    batch. A prompt's piece goes through transformers' SDPA attention over
+    its own row, so its arithmetic depends on the prompt alone.
     """
     tokens, heads, dim = rows.shape
     kv_heads = key.shape[1]
