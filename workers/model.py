@@ -122,8 +122,7 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
     mkl = mkl_mode() if device.type == "cpu" else None
     if mkl is not None:
         strict, setting = mkl
-        kernels += f", MKL rounding alike wherever its operands lie (MKL_CBWR={setting})" if strict else \
-            f", MKL rounding by where its operands lie (MKL_CBWR={setting})"
+        kernels += f", MKL rounding {'alike wherever' if strict else 'by where'} its operands lie (MKL_CBWR={setting})"
         if not strict:
             logger.warning("MKL is not in its strict reproducible mode (MKL_CBWR=%s; set before torch's first matrix "
                            "product, see workers/__init__.py): a request's greedy text may depend on its batch",
