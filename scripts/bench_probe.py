@@ -87,7 +87,7 @@ def loader(threads: int, fuse: bool = True, dtype: str = "auto", quantize: str =
                               quantize=quantize)
 
 
-def started(threads: int, prefix_cache_mb: float = 0.0, **load) -> BatchingEngine:
+def start_engine(threads: int, prefix_cache_mb: float = 0.0, **load) -> BatchingEngine:
     """A started 16-slot engine as a worker builds it (the system prompt's tokens cached), loading with ``load``."""
     return BatchingEngine(loader(threads, **load), max_batch=16, prefix_cache_mb=prefix_cache_mb,
                           shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
@@ -135,7 +135,7 @@ def batch16_tps(engine, all_ids: list[list[int]]) -> float:
 
 
 def engine(threads: int) -> dict:
-    eng = started(threads)
+    eng = start_engine(threads)
     try:
         all_ids = prompts(eng.loaded)
         return {"lone": lone(eng, all_ids), "min_rows": eng.min_rows, "batch16_tps": batch16_tps(eng, all_ids)}
@@ -161,7 +161,7 @@ def quantized(threads: int, rounds: str = "3") -> dict:
     """Quantized weights (CHAT_QUANTIZE=int8 and int4) against the model's dtype: the factual questions, then in
     each round a lone request's ITL and 16 requests' tok/s on every engine in turn (the order turned each round);
     medians, and the median of the rounds' own ratios to the model's dtype."""
-    engines = {mode: started(threads, quantize=mode) for mode in ("none", *QUANTIZE_MODES)}
+    engines = {mode: start_engine(threads, quantize=mode) for mode in ("none", *QUANTIZE_MODES)}
     try:
         questions = json.loads(FACTUAL.read_text())["questions"]
         right = {mode: factual(eng, questions) for mode, eng in engines.items()}
@@ -169,7 +169,7 @@ def quantized(threads: int, rounds: str = "3") -> dict:
         # question whose answer turns with that rounding alone is no test of a quantization.
         dtype = str(engines["none"].loaded.dtype).removeprefix("torch.")
         other = "float32" if dtype != "float32" else "bfloat16"
-        control = started(threads, dtype=other)
+        control = start_engine(threads, dtype=other)
         try:
             right_other = factual(control, questions)
         finally:
@@ -206,7 +206,7 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     no padding at all (not invariant where a layer rounds by row count) and against every pass of fewer than
     two rows padded whole, at batch 1 (ITL) and 16 (tok/s). Each round takes the three in turn, each first in
     its turn; a ratio is the median of the rounds' own ratios, each taken at one speed of the machine."""
-    eng = started(threads, dtype=dtype)
+    eng = start_engine(threads, dtype=dtype)
     padded = [m for m in eng.loaded.model.modules() if isinstance(m, PaddedRows)]
     least, min_rows = {m: m.least for m in padded}, eng.min_rows
 
@@ -336,7 +336,7 @@ def reuse(threads: int, rounds: str = "3") -> dict:
     (CHAT_PREFIX_CACHE_MB as set, 512 by default) and without (0); alone and beside 15 chats decoding; first
     turns; a multi-turn load's hit rate. Each round takes both engines in turn."""
     mb = Settings().prefix_cache_mb or 512
-    engines = {way: started(threads, prefix_cache_mb=size) for way, size in (("on", mb), ("off", 0))}
+    engines = {way: start_engine(threads, prefix_cache_mb=size) for way, size in (("on", mb), ("off", 0))}
     try:
         convo = _conversation(engines["on"])
         firsts = prompts(engines["on"].loaded)
