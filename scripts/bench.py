@@ -66,6 +66,9 @@ class Bench:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
         self.scale = 0.5 if quick else 1.0
+        # The quantized probe's rounds: on a CPU without native bfloat16 its INT8 and INT4 engines take most of an
+        # hour for three, so a quick run takes one.
+        self.quantized_rounds = 1 if quick else 3
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
                              replica_port=free_port(), web_port=free_port(), worker_metrics_port=free_port(),
                              default_max_new_tokens=NEW_TOKENS,
@@ -227,7 +230,7 @@ class Bench:
         logger.info("Prompts kept across turns: a long conversation's turn 6 with and without")
         out["reuse"] = probe("reuse", 0)
         logger.info("INT8 and INT4 weights against the model's dtype: the factual questions, a lone request, 16 at once")
-        out["quantized"] = probe("quantized", 0)
+        out["quantized"] = probe("quantized", 0, str(self.quantized_rounds))
         logger.info("A lone decoding pass compiled whole against the engine's eager one")
         out["compiled"] = probe("compiled", 0)
         self.start()
@@ -598,15 +601,18 @@ def quantized_section(out: dict) -> list[str]:
     modes = list(q["lost"])
     names = {"int8": "INT8", "int4": "INT4"}
     lines = ["## Quantized weights", "",
-             f"`python -m scripts.bench_probe quantized 0`: the engine alone (no stack), 16 slots, {q['dtype']}, with "
+             f"`python -m scripts.bench_probe quantized 0{'' if q['rounds'] == 3 else ' ' + str(q['rounds'])}`: "
+             f"the engine alone (no stack), 16 slots, {q['dtype']}, with "
              "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default); with INT8 weights, one "
              "scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`); and with INT4 "
              "weights, 16 steps between each group of 32 weights' least and largest (as a Q4_1 file holds them), "
              "through `torch.ops.aten._weight_int4pack_mm_for_cpu` (`CHAT_QUANTIZE=int4`). The vocabulary "
              "projection keeps the model's dtype in both. First "
              f"the {q['questions']} short factual questions of `scripts/factual_questions.json` (fixed before any "
-             "quantized run), greedy; then in each of "
-             f"{q['rounds']} rounds a lone request's ITL and 16 requests at once on every engine in turn, medians.", "",
+             "quantized run), greedy; then "
+             + (f"in each of {q['rounds']} rounds a lone request's ITL and 16 requests at once on every engine in "
+                "turn, medians." if q["rounds"] > 1 else "in one round a lone request's ITL and 16 requests at once "
+                "on every engine in turn."), "",
              "| | model's dtype | " + " | ".join(f"{names[m]} weights | {names[m]} / dtype" for m in modes) + " |",
              "| --- | --- | " + " | ".join("--- | ---" for _ in modes) + " |",
              f"| factual questions answered right | {q['right']['none']} | "
@@ -792,7 +798,8 @@ def sockets_section(s: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--quick", action="store_true", help="half the requests per load")
+    parser.add_argument("--quick", action="store_true",
+                        help="half the requests per load, one round of the quantized probe")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     with scratch_folder("chat-bench-") as root:
