@@ -601,8 +601,8 @@ def quantized_section(out: dict) -> list[str]:
     modes = list(q["lost"])
     names = {"int8": "INT8", "int4": "INT4"}
     lines = ["## Quantized weights", "",
-             f"`python -m scripts.bench_probe quantized 0{'' if q['rounds'] == 3 else ' ' + str(q['rounds'])}`: "
-             f"the engine alone (no stack), 16 slots, {q['dtype']}, with "
+             f"`python -m scripts.bench_probe quantized 0 {q['rounds']}`: the engine alone (no stack), 16 slots, "
+             f"{q['dtype']}, with "
              "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default); with INT8 weights, one "
              "scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`); and with INT4 "
              "weights, 16 steps between each group of 32 weights' least and largest (as a Q4_1 file holds them), "
