@@ -38,9 +38,10 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -258,20 +259,15 @@ class Store:
 
     def accept_exchange(self, owner: str, messages: list[tuple[str, str]], params: SamplingParams) -> Accepted:
         """Store a whole exchange sent at once (the OpenAI API's ``messages``, the last one the user's) as a new
-        conversation of ``owner``, with the request for its reply; one transaction."""
+        conversation of ``owner``, with the request for its reply; one statement on the primary."""
         request_id, conversation_id = new_id(), new_id()
         first_user = next((content for role, content in messages if role == "user"), messages[-1][1])
-        with self.session(primary=True) as s:
-            s.add(Conversation(id=conversation_id, owner=owner, title=_title(first_user)))
-            s.flush()
-            ids = [new_id() for _ in messages]
-            # Earlier messages get request ids of their own: a message is one per (request, role).
-            for message_id, (role, content), rid in zip(ids, messages, [*ids[:-1], request_id]):
-                s.add(Message(id=message_id, conversation_id=conversation_id, request_id=rid, role=role,
-                              content=content, status="complete"))
-                s.flush()  # in order: created_at is the clock at each insert, and the prompt is read by it
-            s.add(ChatRequest(id=request_id, owner=owner, conversation_id=conversation_id, user_message_id=ids[-1],
-                              params=params.as_json()))
+        ids = [new_id() for _ in messages]
+        # Earlier messages get request ids of their own: a message is one per (request, role).
+        self._on_primary(_ACCEPT_EXCHANGE, new_conversation_id=conversation_id, new_owner=owner,
+                         new_title=_title(first_user), new_request_id=request_id, new_message_id=ids[-1],
+                         new_params=params.as_json(), new_ids=ids, new_request_ids=[*ids[:-1], request_id],
+                         new_roles=[role for role, _ in messages], new_contents=[content for _, content in messages])
         return Accepted(request_id, conversation_id, ids[-1], created=True)
 
     def create_api_key(self, owner: str, name: str = "") -> tuple[str, str]:
@@ -459,6 +455,33 @@ _ACCEPT_IN_EXISTING = _accept_statement(
     update(Conversation)
     .where(Conversation.id == bindparam("new_conversation_id"), Conversation.owner == bindparam("new_owner"))
     .values(updated_at=func.now()).returning(Conversation.id).cte("conv"))
+
+
+def _exchange_statement() -> Select:
+    """A new conversation, its messages in the order given and the request for its reply, in one statement.
+
+    The messages are read back in order of ``created_at``: each takes the statement's time plus its place in
+    microseconds, so that they keep their order and the last one (the request's) is the latest.
+    """
+    conv = (insert(Conversation)
+            .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
+            .returning(Conversation.id).cte("conv"))
+    given = func.unnest(bindparam("new_ids", type_=ARRAY(String)), bindparam("new_request_ids", type_=ARRAY(String)),
+                        bindparam("new_roles", type_=ARRAY(String)), bindparam("new_contents", type_=ARRAY(Text)),
+                        ).table_valued("id", "request_id", "role", "content", with_ordinality="place").render_derived("given")
+    msg = insert(Message).from_select(
+        ["id", "conversation_id", "request_id", "role", "content", "status", "created_at"],
+        select(given.c.id, conv.c.id, given.c.request_id, given.c.role, given.c.content, literal("complete"),
+               func.statement_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, given.c.place / 1e6))
+        .select_from(conv.join(given, true()))).cte("msg")
+    req = insert(ChatRequest).from_select(
+        ["id", "owner", "conversation_id", "user_message_id", "params"],
+        select(bindparam("new_request_id", type_=String), bindparam("new_owner", type_=String), conv.c.id,
+               bindparam("new_message_id", type_=String), bindparam("new_params", type_=JSON))).cte("req")
+    return select(conv.c.id).add_cte(msg, req)
+
+
+_ACCEPT_EXCHANGE = _exchange_statement()
 
 
 def _prompt_request_statement() -> Select:

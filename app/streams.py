@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 STREAM_PREFIX = "stream:"
 CANCEL_PREFIX = "cancel:"
 WORKER_PREFIX = "worker:"
+# The names of the workers that beat, each with the time of its last beat: where readers find the heartbeats
+# without scanning the keyspace, which holds a stream and an affinity key per recent request.
+WORKERS_KEY = "workers"
+# A name whose last beat is older than this leaves the index (its heartbeat expired long before).
+WORKERS_FORGET_S = 24 * 3600
 # Per model queue: how many tasks workers have taken off it, ever (the web tier's admission reads its rate).
 TAKEN_PREFIX = "taken:"
 # Per conversation: the worker that served its last turn, which keeps that turn's prompt (workers/engine/prefix.py).
@@ -208,16 +213,23 @@ def count_taken(client: redis.Redis, queue_name: str) -> None:
 
 
 def beat(client: redis.Redis, name: str, info: dict, ttl_s: int) -> None:
-    """Say that worker ``name`` is alive with a loaded model, for ``ttl_s`` seconds."""
-    client.set(WORKER_PREFIX + name, json.dumps(info), ex=ttl_s)
+    """Say that worker ``name`` is alive with a loaded model, for ``ttl_s`` seconds; list its name in the index."""
+    now = time.time()
+    (client.pipeline(transaction=False).set(WORKER_PREFIX + name, json.dumps(info), ex=ttl_s)
+     .zadd(WORKERS_KEY, {name: now}).zremrangebyscore(WORKERS_KEY, "-inf", now - WORKERS_FORGET_S).execute())
 
 
 def live_workers(client: redis.Redis, queue: str | None = None) -> list[dict]:
-    """The heartbeats of the workers alive with a loaded model: of those that serve ``queue``, where given."""
-    keys = list(client.scan_iter(match=WORKER_PREFIX + "*", count=100))
-    if not keys:
+    """The heartbeats of the workers alive with a loaded model: of those that serve ``queue``, where given.
+
+    Two round trips however many keys Redis holds: the names from the index, then their heartbeats (a name
+    whose heartbeat expired has none).
+    """
+    names = client.zrange(WORKERS_KEY, 0, -1)
+    if not names:
         return []
-    beats = [json.loads(v) for v in client.mget(keys) if v]
+    beats = [json.loads(v) for v in client.mget([WORKER_PREFIX + (n.decode() if isinstance(n, bytes) else n)
+                                                  for n in names]) if v]
     return beats if queue is None else [b for b in beats if b.get("queue") == queue]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DataError
 
 from app.protocol import SamplingParams
@@ -67,6 +67,36 @@ def test_prompt_has_the_turns_before_it_and_a_stored_reply(stack, store):
     assert [m["content"] for m in store.prompt_request(fourth.request_id).history] == [
         "One", "Reply one", "Two", "Three", "Four"]
     assert store.prompt_request("no-such-request") is None
+
+
+def test_an_exchange_sent_whole_is_one_statement_and_reads_back_in_its_order(stack, store):
+    # The OpenAI API's messages: a system message, earlier turns, a repeated text; the last is the user's.
+    messages = [("system", "Answer briefly."), ("user", "Two"), ("assistant", "Reply one"), ("user", "Two"),
+                ("assistant", "Reply two"), ("user", "Two")]
+    statements = []
+
+    def count(conn, cursor, statement, *_):
+        statements.append(statement)
+
+    event.listen(store.primary, "before_cursor_execute", count)
+    try:
+        accepted = store.accept_exchange("owner-x", messages, PARAMS)
+    finally:
+        event.remove(store.primary, "before_cursor_execute", count)
+    assert len(statements) == 1 and accepted.created
+    assert rows_of(stack, accepted.conversation_id) == (1, 1, len(messages))
+    req = store.prompt_request(accepted.request_id)
+    assert req.history == [{"role": role, "content": content} for role, content in messages]
+    assert req.reply is None and req.params == PARAMS
+    with stack.primary() as conn:
+        rows = conn.execute("SELECT id, request_id, created_at FROM messages WHERE conversation_id = %s "
+                            "ORDER BY created_at", (accepted.conversation_id,)).fetchall()
+        title, owner = conn.execute("SELECT title, owner FROM conversations WHERE id = %s",
+                                    (accepted.conversation_id,)).fetchone()
+    assert len({r[2] for r in rows}) == len(messages)  # no two alike: the order does not rest on the role
+    assert rows[-1][:2] == (accepted.user_message_id, accepted.request_id)
+    assert all(message_id == request_id for message_id, request_id, _ in rows[:-1])  # one per (request, role)
+    assert (title, owner) == ("Two", "owner-x")
 
 
 def test_another_owners_conversation_is_not_found_and_nothing_is_written(stack, store):

@@ -118,3 +118,32 @@ def test_a_resume_after_the_stream_expired_is_answered_from_the_stored_reply(sta
     assert again["usage"] == {k: done["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
     assert again["content"] == "".join(t["text"] for t in tokens)
     assert client.ask({"type": "ping"}) == {"type": "pong"}
+
+
+def test_live_workers_are_read_from_the_index_however_many_keys_redis_holds(tmp_path):
+    port = free_port()
+    server = start_redis(port, tmp_path / "redis", tmp_path)
+    try:
+        client = streams.connect(f"redis://127.0.0.1:{port}/0")
+        # What an hour of traffic leaves: a stream and an affinity key per request.
+        pipe = client.pipeline(transaction=False)
+        for i in range(20_000):
+            pipe.set(f"{streams.STREAM_PREFIX}old-{i}", "x", ex=3600).set(f"{streams.AFFINITY_PREFIX}c-{i}", "w")
+        pipe.execute()
+        streams.beat(client, "w1@host", {"name": "w1@host", "queue": "chat"}, ttl_s=30)
+        streams.beat(client, "w2@host", {"name": "w2@host", "queue": "other"}, ttl_s=30)
+        streams.beat(client, "gone@host", {"name": "gone@host", "queue": "chat"}, ttl_s=1)
+        time.sleep(1.5)  # its heartbeat expires; its name stays in the index until much later
+        client.config_resetstat()
+        assert [b["name"] for b in streams.live_workers(client, "chat")] == ["w1@host"]
+        assert sorted(b["name"] for b in streams.live_workers(client)) == ["w1@host", "w2@host"]
+        calls = {name.removeprefix("cmdstat_"): stat["calls"] for name, stat in client.info("commandstats").items()}
+        assert "scan" not in calls and "keys" not in calls
+        assert calls["zrange"] + calls["mget"] == 4  # two round trips a call, not one per hundred keys
+        # A name not seen for a day leaves the index at the next beat of any worker.
+        client.zadd(streams.WORKERS_KEY, {"ancient@host": time.time() - streams.WORKERS_FORGET_S - 60})
+        streams.beat(client, "w1@host", {"name": "w1@host", "queue": "chat"}, ttl_s=30)
+        assert "ancient@host" not in client.zrange(streams.WORKERS_KEY, 0, -1)
+        assert "gone@host" in client.zrange(streams.WORKERS_KEY, 0, -1)
+    finally:
+        server.stop()
