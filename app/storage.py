@@ -466,9 +466,9 @@ def _exchange_statement() -> Select:
     conv = (insert(Conversation)
             .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
             .returning(Conversation.id).cte("conv"))
-    given = func.unnest(bindparam("new_ids", type_=ARRAY(String)), bindparam("new_request_ids", type_=ARRAY(String)),
-                        bindparam("new_roles", type_=ARRAY(String)), bindparam("new_contents", type_=ARRAY(Text)),
-                        ).table_valued("id", "request_id", "role", "content", with_ordinality="place").render_derived("given")
+    given = (func.unnest(bindparam("new_ids", type_=ARRAY(String)), bindparam("new_request_ids", type_=ARRAY(String)),
+                         bindparam("new_roles", type_=ARRAY(String)), bindparam("new_contents", type_=ARRAY(Text)))
+             .table_valued("id", "request_id", "role", "content", with_ordinality="place").render_derived("given"))
     msg = insert(Message).from_select(
         ["id", "conversation_id", "request_id", "role", "content", "status", "created_at"],
         select(given.c.id, conv.c.id, given.c.request_id, given.c.role, given.c.content, literal("complete"),

@@ -270,10 +270,9 @@ class Bench:
                 self.url, 1, self.n(32), TTFT_TOKENS, api="v1"))
             out["stack"] = {"c1": c1, "c4": c4, "c16": c16}
             w.stop()
-            # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) against the default, and
-            # the engine at the worker's priority against the default (CHAT_ENGINE_NICE).
-            # And a smaller budget than the default: one short prompt a pass, so that chats that finished together
-            # start their next turns apart.
+            # The prefill budget as it was (256 prompt tokens a pass beside decoding rows) and a smaller one (one
+            # short prompt a pass, so that chats that finished together start their next turns apart) against the
+            # default, and the engine at the worker's priority against the default (CHAT_ENGINE_NICE).
             out["budgets"] = self.alternated("prefill budget", "prefill_tokens_per_pass",
                                              {"256": 256, "default": self.base.prefill_tokens_per_pass,
                                               str(SMALL_BUDGET): SMALL_BUDGET})
