@@ -46,6 +46,7 @@ from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import Delete, Executable, Insert, Update
+from sqlalchemy.sql.selectable import CTE
 
 from app.protocol import SamplingParams
 
@@ -265,8 +266,9 @@ class Store:
         ids = [new_id() for _ in messages]
         # Earlier messages get request ids of their own: a message is one per (request, role).
         self._on_primary(_ACCEPT_EXCHANGE, new_conversation_id=conversation_id, new_owner=owner,
-                         new_title=_title(first_user), new_request_id=request_id, new_message_id=ids[-1],
-                         new_params=params.as_json(), new_ids=ids, new_request_ids=[*ids[:-1], request_id],
+                         new_title=_title(first_user), new_request_id=request_id, new_client_id=None,
+                         new_message_id=ids[-1], new_params=params.as_json(), new_ids=ids,
+                         new_request_ids=[*ids[:-1], request_id],
                          new_roles=[role for role, _ in messages], new_contents=[content for _, content in messages])
         return Accepted(request_id, conversation_id, ids[-1], created=True)
 
@@ -435,22 +437,30 @@ def _accept_statement(conversation) -> Select:
     rows are stored together or not at all, in one round trip; no row at all
     when the conversation is not the owner's.
     """
-    req = insert(ChatRequest).from_select(
-        ["id", "owner", "client_id", "conversation_id", "user_message_id", "params"],
-        select(bindparam("new_request_id", type_=String), bindparam("new_owner", type_=String),
-               bindparam("new_client_id", type_=String), conversation.c.id, bindparam("new_message_id", type_=String),
-               bindparam("new_params", type_=JSON))).cte("req")
     msg = insert(Message).from_select(
         ["id", "conversation_id", "request_id", "role", "content", "status"],
         select(bindparam("new_message_id", type_=String), conversation.c.id, bindparam("new_request_id", type_=String),
                literal("user"), bindparam("new_content", type_=Text), literal("complete"))).cte("msg")
-    return select(conversation.c.id).add_cte(req, msg)
+    return select(conversation.c.id).add_cte(_request_insert(conversation), msg)
 
 
-_ACCEPT_IN_NEW = _accept_statement(
-    insert(Conversation)
-    .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
-    .returning(Conversation.id).cte("conv"))
+def _request_insert(conversation) -> CTE:
+    """The insert of the chat request into ``conversation`` (a CTE returning its id)."""
+    return insert(ChatRequest).from_select(
+        ["id", "owner", "client_id", "conversation_id", "user_message_id", "params"],
+        select(bindparam("new_request_id", type_=String), bindparam("new_owner", type_=String),
+               bindparam("new_client_id", type_=String), conversation.c.id, bindparam("new_message_id", type_=String),
+               bindparam("new_params", type_=JSON))).cte("req")
+
+
+def _new_conversation() -> CTE:
+    """A new conversation's insert, as a CTE returning its id."""
+    return (insert(Conversation)
+            .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
+            .returning(Conversation.id).cte("conv"))
+
+
+_ACCEPT_IN_NEW = _accept_statement(_new_conversation())
 _ACCEPT_IN_EXISTING = _accept_statement(
     update(Conversation)
     .where(Conversation.id == bindparam("new_conversation_id"), Conversation.owner == bindparam("new_owner"))
@@ -463,9 +473,7 @@ def _exchange_statement() -> Select:
     The messages are read back in order of ``created_at``: each takes the statement's time plus its place in
     microseconds, so that they keep their order and the last one (the request's) is the latest.
     """
-    conv = (insert(Conversation)
-            .values(id=bindparam("new_conversation_id"), owner=bindparam("new_owner"), title=bindparam("new_title"))
-            .returning(Conversation.id).cte("conv"))
+    conv = _new_conversation()
     given = (func.unnest(bindparam("new_ids", type_=ARRAY(String)), bindparam("new_request_ids", type_=ARRAY(String)),
                          bindparam("new_roles", type_=ARRAY(String)), bindparam("new_contents", type_=ARRAY(Text)))
              .table_valued("id", "request_id", "role", "content", with_ordinality="place").render_derived("given"))
@@ -474,11 +482,7 @@ def _exchange_statement() -> Select:
         select(given.c.id, conv.c.id, given.c.request_id, given.c.role, given.c.content, literal("complete"),
                func.statement_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, given.c.place / 1e6))
         .select_from(conv.join(given, true()))).cte("msg")
-    req = insert(ChatRequest).from_select(
-        ["id", "owner", "conversation_id", "user_message_id", "params"],
-        select(bindparam("new_request_id", type_=String), bindparam("new_owner", type_=String), conv.c.id,
-               bindparam("new_message_id", type_=String), bindparam("new_params", type_=JSON))).cte("req")
-    return select(conv.c.id).add_cte(msg, req)
+    return select(conv.c.id).add_cte(msg, _request_insert(conv))
 
 
 _ACCEPT_EXCHANGE = _exchange_statement()

@@ -228,9 +228,13 @@ def live_workers(client: redis.Redis, queue: str | None = None) -> list[dict]:
     names = client.zrange(WORKERS_KEY, 0, -1)
     if not names:
         return []
-    beats = [json.loads(v) for v in client.mget([WORKER_PREFIX + (n.decode() if isinstance(n, bytes) else n)
-                                                  for n in names]) if v]
+    beats = [json.loads(v) for v in client.mget([WORKER_PREFIX + _text(n) for n in names]) if v]
     return beats if queue is None else [b for b in beats if b.get("queue") == queue]
+
+
+def _text(value: str | bytes) -> str:
+    """A reply's string, from a client that decodes replies or one that does not."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def own_queue(queue: str, worker: str) -> str:
@@ -244,7 +248,7 @@ def route(client: redis.Redis, queue: str, conversation_id: str | None) -> str:
     worker = client.get(AFFINITY_PREFIX + conversation_id) if conversation_id else None
     if not worker:
         return queue
-    worker = worker.decode() if isinstance(worker, bytes) else worker
+    worker = _text(worker)
     beat, load, waiting = client.pipeline(transaction=False).get(WORKER_PREFIX + worker).get(
         LOAD_PREFIX + worker).llen(own_queue(queue, worker)).execute()
     info = json.loads(beat) if beat else None
@@ -258,7 +262,7 @@ def rescue_orphans(client: redis.Redis, queue: str) -> int:
     how many. Any live worker may call it, at any time: each task moves once."""
     moved = 0
     for name in client.smembers(OWN_QUEUES_PREFIX + queue):
-        name = name.decode() if isinstance(name, bytes) else name
+        name = _text(name)
         worker = name[len(queue) + 1:]
         if client.exists(WORKER_PREFIX + worker):
             continue

@@ -275,7 +275,7 @@ class Bench:
             # default, and the engine at the worker's priority against the default (CHAT_ENGINE_NICE).
             out["budgets"] = self.alternated("prefill budget", "prefill_tokens_per_pass",
                                              {"256": 256, "default": self.base.prefill_tokens_per_pass,
-                                              str(SMALL_BUDGET): SMALL_BUDGET})
+                                              "small": SMALL_BUDGET})
             out["nice"] = self.alternated("engine nice", "engine_nice", {"0": 0, "default": self.base.engine_nice})
             out["stack_quantized"] = {}
             for mode in QUANTIZE_MODES:
@@ -535,10 +535,11 @@ def peers_section(out: dict) -> list[str]:
     ratio = stack["c16"]["ttft_ms"]["p50"] / best_ttft
     lines.append(f"| TTFT p50 at 16 chats, stack / best peer ({best_ttft} ms) | {ratio:.2f}x | < 0.3x | "
                  f"{_yes(ratio < 0.3)} |")
-    small, default = (out.get("budgets", {}).get(k) for k in (str(SMALL_BUDGET), "default"))
-    if small and default:  # the smaller budget's runs, later in the run (below), with what they cost the ITL
+    budgets = out.get("budgets", {})
+    if "small" in budgets:  # the smaller budget's runs, later in the run (below), with what they cost the ITL
+        small = budgets["small"]
         ratio = statistics.median(r["ttft_ms"]["p50"] for r in small) / best_ttft
-        itl = statistics.median(a["itl_ms"]["p50"] / b["itl_ms"]["p50"] for a, b in zip(small, default))
+        itl = pair_ratio(small, budgets["default"], lambda r: r["itl_ms"]["p50"])
         lines.append(f"| TTFT p50 at 16 chats with `CHAT_PREFILL_TOKENS_PER_PASS={SMALL_BUDGET}` (median of its "
                      f"{len(small)} runs) / best peer; its ITL p50 / the default's | {ratio:.2f}x; {itl:.2f}x | "
                      f"< 0.3x; ≤ 1.1x | {_yes(ratio < 0.3 and itl <= 1.1)} |")
@@ -548,7 +549,7 @@ def peers_section(out: dict) -> list[str]:
 def ttft_trace_section(out: dict) -> list[str]:
     """Where the stack's time to first token goes at 16 chats: means of each stage, from the worker's histograms."""
     runs = [r for r in (out["stack"]["c16"], out.get("stack_c16_again"), *out.get("budgets", {}).get("256", []),
-                        *out.get("budgets", {}).get(str(SMALL_BUDGET), []), *out.get("nice", {}).get("0", []))
+                        *out.get("budgets", {}).get("small", []), *out.get("nice", {}).get("0", []))
             if r and "ttft_trace" in r]
     if not runs:
         return []
@@ -572,9 +573,9 @@ def ttft_trace_section(out: dict) -> list[str]:
         lines += alternated_table(
             out["budgets"]["default"], out["budgets"]["256"], str(budget), "256",
             f"The prefill budget beside decoding rows, {budget} tokens (the default) against 256 (as it was)")
-        if str(SMALL_BUDGET) in out["budgets"]:
+        if "small" in out["budgets"]:
             lines += alternated_table(
-                out["budgets"][str(SMALL_BUDGET)], out["budgets"]["default"], str(SMALL_BUDGET), str(budget),
+                out["budgets"]["small"], out["budgets"]["default"], str(SMALL_BUDGET), str(budget),
                 f"A smaller prefill budget, {SMALL_BUDGET} tokens (one of these prompts a pass), against the default "
                 f"({budget}), in the same alternation")
     if "nice" in out:
@@ -586,15 +587,17 @@ def ttft_trace_section(out: dict) -> list[str]:
     return lines
 
 
+def pair_ratio(new: list[dict], old: list[dict], pick) -> float:
+    """The median of the ratios of runs taken in pairs, close together: ``pick(new[i]) / pick(old[i])``."""
+    return statistics.median(pick(a) / pick(b) for a, b in zip(new, old))
+
+
 def alternated_table(new: list[dict], old: list[dict], new_name: str, old_name: str, what: str) -> list[str]:
     """Two settings on the same 16-chat load, alternated (``old`` first): medians, and the median of the pairs'
     ratios, each pair taken close together."""
 
     def med(runs: list[dict], pick) -> float:
         return statistics.median(pick(r) for r in runs)
-
-    def ratio(pick) -> float:
-        return statistics.median(pick(a) / pick(b) for a, b in zip(new, old))
 
     rows = [("TTFT p50 ms", lambda r: r["ttft_ms"]["p50"], ""),
             ("TTFT mean ms", lambda r: r["ttft_mean_ms"], ""),
@@ -607,7 +610,7 @@ def alternated_table(new: list[dict], old: list[dict], new_name: str, old_name: 
              "medians, and the median of the pairs' ratios:", "",
              f"| figure | {new_name} | {old_name} | {new_name} / {old_name} | target |", "| --- | --- | --- | --- | --- |"]
     for name, pick, target in rows:
-        r = ratio(pick)
+        r = pair_ratio(new, old, pick)
         met = f"{target}: {_yes(r <= 1.1)}" if target else ""
         lines.append(f"| {name} | {med(new, pick):.1f} | {med(old, pick):.1f} | {r:.2f}x | {met} |")
     return lines
