@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # by default: a lone request's tokens came faster, but 16 chats' slower, and each lost factual answers the
     # plain model got right (docs/benchmarks.md, "Quantized weights").
     quantize: Quantize = "none"
+    # "auto": where the engine computes in float32 on a CPU (one without native bfloat16), linear layers keep their
+    # weights in float16 when that loses none of their values (a bfloat16 or float16 checkpoint), computed in float32
+    # through FBGEMM: half the bytes a pass reads. "off": float32 weights.
+    float16_weights: Literal["auto", "off"] = "auto"
     engine: Literal["batching", "generate"] = "batching"
     max_batch: int = Field(16, ge=1)
     engine_max_tokens: int = Field(2048, ge=64)

@@ -233,6 +233,8 @@ class Bench:
         out["reuse"] = probe("reuse", 0)
         logger.info("INT8 and INT4 weights against the model's dtype: the factual questions, a lone request, 16 at once")
         out["quantized"] = probe("quantized", 0, *self.quantized_rounds)
+        logger.info("A float32 engine's linear layers with float16 weights against float32 ones")
+        out["float16"] = probe("float16", 0, *self.quantized_rounds)
         logger.info("A lone decoding pass compiled whole against the engine's eager one")
         out["compiled"] = probe("compiled", 0)
         self.start()
@@ -405,15 +407,16 @@ def invariance_section(by_dtype: dict) -> list[str]:
         "`python -m scripts.bench_probe invariance 0 DTYPE`: the engine alone (no stack), 16 slots, five rounds; "
         "in each round one lone request (64 tokens, ITL the median of its gaps) and then 16 requests at once "
         "(32 tokens each), for each way in turn, each way first in its turn: as it runs (the kinds of linear "
-        "layer that round a row differently by row count padded to their least rows, measured at start), "
+        "layer that round a row differently by row count padded to their least rows, or to multiples of the rows "
+        "they round alike at, measured at start), "
         "unpadded (no padding at all: greedy text may then depend on the batch) and the whole pass padded to two "
         "rows instead. Figures are medians over the rounds; a ratio is the median of the rounds' own ratios.", "",
-        "| dtype | layers padded (least rows) | measured at start | lone ITL ms: as run / unpadded / whole pass "
+        "| dtype | layers padded (least rows, or multiples) | measured at start | lone ITL ms: as run / unpadded / whole pass "
         "| as run / unpadded | 16 at once tok/s: as run / unpadded / whole pass | as run / unpadded |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for dtype, inv in by_dtype.items():
-        padded = ", ".join(f"{kind}: {rows}" for kind, rows in inv["padded"].items() if rows > 1) or "none"
+        padded = ", ".join(f"{kind}: {rule}" for kind, rule in inv["padded"].items() if str(rule) != "1") or "none"
         itl, tps = inv["itl_ms"], inv["batch16_tps"]
         whole = "unpadded" if inv["min_rows"] == 1 else f"padded to {inv['min_rows']} rows"
         lines.append(f"| {dtype} ({inv['dtype_reason']}) | {padded}; whole passes {whole} | "
@@ -484,7 +487,7 @@ def markdown(out: dict) -> str:
         lines.append(f"| {run['label']} | {run['offered']} | {run['completed']}/{run['requests']} | {run['errors']} | "
                      f"{run['tokens_per_s']} | {t['p50']} / {t['p95']} / {t['p99']} | "
                      f"{i['p50']} / {i['p95']} / {i['p99']} |")
-    lines += ["", *peers_section(out), "", *quantized_section(out), "", *compiled_section(out["compiled"]), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
+    lines += ["", *peers_section(out), "", *quantized_section(out), *float16_section(out), "", *compiled_section(out["compiled"]), "", *reuse_section(out["reuse"]), "", *v1_section(out), "", *metrics_section(out["metrics_on_off"]),
               "", *overload_section(out["overload"]), "", *sockets_section(out["sockets"])]
     lines += ["", "## Memory", "",
               f"- a worker with the model loaded: {out['memory']['worker_rss_mb']} MB resident",
@@ -624,7 +627,9 @@ def quantized_section(out: dict) -> list[str]:
     lines = ["## Quantized weights", "",
              f"`python -m scripts.bench_probe quantized 0 {q['rounds']}`: the engine alone (no stack), 16 slots, "
              f"{q['dtype']}, with "
-             "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default); with INT8 weights, one "
+             "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default"
+             + ("; float16 weights where it computes in float32, as below" if "float16" in out else "")
+             + "); with INT8 weights, one "
              "scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`); and with INT4 "
              "weights, 16 steps between each group of 32 weights' least and largest (as a Q4_1 file holds them), "
              "through `torch.ops.aten._weight_int4pack_mm_for_cpu` (`CHAT_QUANTIZE=int4`). The vocabulary "
@@ -671,6 +676,39 @@ def quantized_section(out: dict) -> list[str]:
         lines.append(f"- {names[m]}: kept as the default: {_yes(keep)} (only with no right answer lost, a faster "
                      "lone request and 16 chats no slower)")
     return lines
+
+
+def float16_section(out: dict) -> list[str]:
+    """A float32 engine's linear layers with float16 weights (FBGEMM) against float32 ones (oneDNN)."""
+    if "float16" not in out:
+        return []
+    h = out["float16"]
+    padded = "; ".join(f"{kind}: {rule}" for kind, rule in h["padded"]["float16"].items()) or "none"
+    lost = ", ".join(f"\"{x}\"" for x in h["lost"]) or "none"
+    gained = ", ".join(f"\"{x}\"" for x in h["gained"]) or "none"
+    engine_dtype = out["gauge_before"]["dtype"]
+    return [
+        "", "## Float16 weights on a float32 engine", "",
+        f"`python -m scripts.bench_probe float16 0 {h['rounds']}`: the engine alone (no stack), 16 slots, computing "
+        "in float32 (the dtype it picks on a CPU without native bfloat16; it picked "
+        f"{engine_dtype} on this one), with its linear layers' weights in float16 through FBGEMM "
+        "(`CHAT_FLOAT16_WEIGHTS=auto`, the default; the checkpoint's bfloat16 values, every one kept) against "
+        "float32 weights through oneDNN (`off`). The factual questions first, greedy; then in each of "
+        f"{h['rounds']} rounds a lone request and 16 requests at once on each engine in turn; medians, and the "
+        "median of the rounds' own ratios.", "",
+        "| figure | float16 weights | float32 weights | float16 / float32 |", "| --- | --- | --- | --- |",
+        f"| lone request ITL p50, engine alone | {h['itl_ms']['float16']:.1f} ms | {h['itl_ms']['float32']:.1f} ms "
+        f"| {h['itl_ms_ratio']:.2f}x |",
+        f"| lone request TTFT, engine alone | {h['ttft_ms']['float16']:.1f} ms | {h['ttft_ms']['float32']:.1f} ms "
+        f"| {h['ttft_ms_ratio']:.2f}x |",
+        f"| 16 at once, tok/s, engine alone | {h['batch16_tps']['float16']:.1f} | {h['batch16_tps']['float32']:.1f} "
+        f"| {h['batch16_tps_ratio']:.2f}x |",
+        f"| factual questions answered right | {h['right']['float16']} | {h['right']['float32']} | |",
+        f"| greedy replies to them the same word for word | {h['same_replies']} of {h['questions']} | | |", "",
+        f"- right with float32 weights, wrong with float16 ones: {lost}",
+        f"- wrong with float32 weights, right with float16 ones: {gained}",
+        f"- FBGEMM's float16 layers padded to (rows a call takes, for batch invariance): {padded}",
+    ]
 
 
 def compiled_section(c: dict) -> list[str]:

@@ -7,6 +7,7 @@
     python -m scripts.bench_probe reuse     # prompts kept across turns, on and off
     python -m scripts.bench_probe quantized # INT8 and INT4 weights against the model's dtype: answers, speed
     python -m scripts.bench_probe compiled  # a lone decoding pass compiled whole against the engine's eager one
+    python -m scripts.bench_probe float16   # a float32 engine's linear layers with float16 weights against float32
 
 Each runs in a process of its own so that no other torch thread team shares the cores.
 """
@@ -82,9 +83,10 @@ def lone(engine, all_ids: list[list[int]]) -> dict:
     return {"ttft_ms": 1000 * statistics.median(ttft), "itl_ms": 1000 * statistics.median(gaps)}
 
 
-def loader(threads: int, fuse: bool = True, dtype: str = "auto", quantize: str = "none"):
+def loader(threads: int, fuse: bool = True, dtype: str = "auto", quantize: str = "none",
+           float16_weights: bool = Settings().float16_weights == "auto"):
     return lambda: load_model(str(DEFAULT_MODEL_DIR), torch_threads=threads, fuse=fuse, dtype_setting=dtype,
-                              quantize=quantize)
+                              quantize=quantize, float16_weights=float16_weights)
 
 
 def start_engine(threads: int, prefix_cache_mb: float = 0.0, **load) -> BatchingEngine:
@@ -201,6 +203,49 @@ def quantized(threads: int, rounds: str = "3") -> dict:
             eng.stop()
 
 
+def float16(threads: int, rounds: str = "3") -> dict:
+    """A float32 engine whose linear layers keep float16 weights (CHAT_FLOAT16_WEIGHTS=auto, where the engine picks
+    float32) against one with float32 weights: the factual questions and how many greedy replies came out the same,
+    then in each round a lone request (TTFT and ITL) and 16 requests at once on each in turn (the order turned each
+    round); medians, and the median of the rounds' own ratios."""
+    engines = {name: start_engine(threads, dtype="float32", float16_weights=name == "float16")
+               for name in ("float16", "float32")}
+    try:
+        questions = json.loads(FACTUAL.read_text())["questions"]
+        tok = engines["float32"].loaded.tokenizer
+        asked = [build_prompt_ids(tok, SYSTEM, [{"role": "user", "content": q["q"]}], 1000) for q in questions]
+        replies = {name: [f.result().text for f in [eng.submit(ids, SamplingParams(FACTUAL_TOKENS), lambda _: None)
+                                                     for ids in asked]] for name, eng in engines.items()}
+        right = {name: [any(a.lower() in text.lower() for a in q["a"]) for q, text in zip(questions, texts)]
+                 for name, texts in replies.items()}
+        all_ids = prompts(engines["float32"].loaded)
+        runs = {name: [] for name in engines}
+        for r in range(int(rounds)):
+            for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+                runs[name].append({**lone(engines[name], all_ids), "batch16_tps": batch16_tps(engines[name], all_ids)})
+
+        def median(name: str, key: str) -> float:
+            return statistics.median(run[key] for run in runs[name])
+
+        def ratio(key: str) -> float:
+            return statistics.median(a[key] / b[key] for a, b in zip(runs["float16"], runs["float32"]))
+
+        return {
+            "rounds": int(rounds), "kernels": {name: eng.loaded.kernels for name, eng in engines.items()},
+            "padded": {name: {kind: str(rule) for kind, rule in eng.padded.items() if rule.pads}
+                       for name, eng in engines.items()},
+            "questions": len(questions), "right": {name: sum(r) for name, r in right.items()},
+            "lost": turned(questions, right["float32"], right["float16"]),
+            "gained": turned(questions, right["float16"], right["float32"]),
+            "same_replies": sum(a == b for a, b in zip(replies["float16"], replies["float32"])),
+            **{key: {name: median(name, key) for name in engines} for key in ("ttft_ms", "itl_ms", "batch16_tps")},
+            **{f"{key}_ratio": ratio(key) for key in ("ttft_ms", "itl_ms", "batch16_tps")},
+        }
+    finally:
+        for eng in engines.values():
+            eng.stop()
+
+
 def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     """What batch invariance costs: the engine as it runs (the layers that round by row count padded), against
     no padding at all (not invariant where a layer rounds by row count) and against every pass of fewer than
@@ -208,12 +253,12 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     its turn; a ratio is the median of the rounds' own ratios, each taken at one speed of the machine."""
     eng = start_engine(threads, dtype=dtype)
     padded = [m for m in eng.loaded.model.modules() if isinstance(m, PaddedRows)]
-    least, min_rows = {m: m.least for m in padded}, eng.min_rows
+    rules, min_rows = {m: (m.least, m.step) for m in padded}, eng.min_rows
 
     def use(way: str) -> None:
         eng.runner.min_rows = 2 if way == "whole_pass" else min_rows
         for m in padded:
-            m.least = least[m] if way == "as_run" else 1
+            m.least, m.step = rules[m] if way == "as_run" else (1, 1)
 
     try:
         all_ids = prompts(eng.loaded)
@@ -235,7 +280,8 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
             return statistics.median(a / b for a, b in zip(of[way], of[to]))
 
         return {"dtype": str(eng.loaded.dtype).removeprefix("torch."), "dtype_reason": eng.loaded.dtype_reason,
-                "kernels": eng.loaded.kernels, "padded": eng.padded, "min_rows": min_rows,
+                "kernels": eng.loaded.kernels, "min_rows": min_rows,
+                "padded": {kind: str(rule) for kind, rule in eng.padded.items() if rule.pads},
                 "measured_at_start_s": round(eng.runner.invariance_s, 2), "rounds": rounds,
                 "itl_ms": {w: statistics.median(x) for w, x in itl.items()},
                 "batch16_tps": {w: statistics.median(x) for w, x in tps.items()},
@@ -440,5 +486,5 @@ def compiled(threads: int, rounds: str = "10") -> dict:
 if __name__ == "__main__":
     what, threads = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
     probes = {"gauge": gauge, "generate": generate, "engine": engine, "invariance": invariance, "reuse": reuse,
-              "quantized": quantized, "compiled": compiled}
+              "quantized": quantized, "compiled": compiled, "float16": float16}
     print(json.dumps(probes[what](threads, *sys.argv[3:])))

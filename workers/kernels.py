@@ -6,7 +6,10 @@ AVX2 machine a step of two rows took 1.6x one of one row, and one row
 rounded differently from four. oneDNN can reorder a weight once into its
 blocked layout, as ``torch.compile``'s CPU freezing does, through the same
 ``torch.ops.mkldnn`` operators used here. There a step is mostly the cost of
-reading the weights once, whatever the rows.
+reading the weights once, whatever the rows. Where the engine computes in
+float32 (a CPU without native bfloat16), :class:`Float16Linear` keeps the
+weights in float16 instead, half the bytes to read, and FBGEMM computes with
+them in float32: a bfloat16 checkpoint loses no value by it.
 
 Greedy text must not depend on what else shares a batch, yet a matrix
 product may take another kernel for a few rows and round differently (oneDNN's
@@ -15,7 +18,9 @@ few float32 rows). :func:`pad_linears` measures, layer shape by layer shape,
 the fewest rows from which every row of a large random block comes out bit
 for bit alike at every row count a pass may have, and wraps the layers that
 need more than one row in :class:`PaddedRows`: a call over fewer rows is
-padded up to that many. Only those layers pay for the padding, not the whole
+padded up to that many, or, for a kernel that rounds alike only at multiples
+of a few rows (FBGEMM's float16 product, which works in blocks of rows), up to
+the next multiple. Only those layers pay for the padding, not the whole
 pass. The engine then checks whole passes of the model (see
 ``BatchingEngine``), which also covers everything that is not a linear layer.
 """
@@ -23,10 +28,14 @@ pass. The engine then checks whole passes of the model (see
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # MKL's reproducibility setting (MKL_CBWR): its strict bit, and the names of its code branches.
 _CBWR_STRICT = 0x10000
@@ -71,17 +80,71 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class Float16Linear(nn.Module):
+    """A float32 linear layer whose weights are kept in float16: FBGEMM's packed float16 product
+    (``quantized::linear_prepack_fp16`` / ``quantized::linear_dynamic_fp16``) widens them to float32 as it reads
+    them, and takes and gives float32 rows.
+
+    On a CPU without native bfloat16 the engine computes in float32, and a pass
+    over few rows is mostly one read of the weights: float16 ones are half the
+    bytes. A model whose checkpoint holds bfloat16 or float16 weights loses
+    nothing by it (:func:`float16_holds`). The kernel rounds a row alike only
+    at some row counts (every multiple of three on the CPUs measured, from its
+    blocks of rows), which :func:`pad_linears` measures and pads to.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.probe = torch.empty(0)  # the device and dtype it computes in, for least_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for input that already is (rows, in_features)."""
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+    def widened(self, batch_hint: int) -> PackedLinear:
+        """The same layer with float32 weights (the same values), prepacked for oneDNN."""
+        weight, bias = torch.ops.quantized.linear_unpack_fp16(self.packed)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        linear.weight.data, linear.bias = weight, None if bias is None else nn.Parameter(bias)
+        return PackedLinear(linear, batch_hint)
+
+
+# Float16 keeps every bfloat16 weight above its smallest normal number (6.1e-5) exactly; below, it rounds to steps
+# of 6e-8: a weight may move by half such a step, no more.
+_FLOAT16_SLACK = 2.0 ** -25
+
+
+def float16_holds(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` keeps its values in float16 (within :data:`_FLOAT16_SLACK`, and none too large)."""
+    w = weight.detach().float()
+    return bool((w.half().float() - w).abs().max() <= _FLOAT16_SLACK)
+
+
+def float16_linears_available() -> bool:
+    """Whether this torch has FBGEMM, which computes :class:`Float16Linear` (x86 CPUs with AVX2)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512")
+
+
 class PaddedRows(nn.Module):
     """A linear layer that is never called on fewer than ``least`` rows.
 
     Fewer rows are padded with copies of the first and the copies' results
     dropped: the layer's kernel for few rows rounds differently from the one
     for more, so a row computed alone would differ from the same row in a batch.
+    With ``step`` > 1, every call is padded to a multiple of ``step`` rows too,
+    for a kernel that rounds a row alike only at such counts.
     """
 
-    def __init__(self, layer: nn.Module, least: int):
+    def __init__(self, layer: nn.Module, least: int, step: int = 1):
         super().__init__()
-        self.layer, self.least = layer, least
+        self.layer, self.least, self.step = layer, least, step
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._rows = on_rows(layer)
 
@@ -91,9 +154,15 @@ class PaddedRows(nn.Module):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for input that already is (rows, in_features)."""
         n = x.shape[0]
-        if n >= self.least:
+        want = padded_count(n, self.least, self.step)
+        if n == want:
             return self._rows(x)
-        return self._rows(torch.cat((x, x[:1].expand(self.least - n, -1))))[:n]
+        return self._rows(torch.cat((x, x[:1].expand(want - n, -1))))[:n]
+
+
+def padded_count(rows: int, least: int, step: int = 1) -> int:
+    """How many rows a call over ``rows`` is padded to: at least ``least``, and a multiple of ``step``."""
+    return max(least, -(-rows // step) * step)
 
 
 class Int8Linear(nn.Module):
@@ -202,7 +271,7 @@ def quantize_linears(model: nn.Module, mode: str = "int8", head: nn.Module | Non
 
 
 # The linear layers of this module, each with a ``rows`` method.
-_OURS = (PackedLinear, PaddedRows, Int8Linear, Int4Linear)
+_OURS = (PackedLinear, PaddedRows, Int8Linear, Int4Linear, Float16Linear)
 
 
 def on_rows(linear: nn.Module):
@@ -219,8 +288,10 @@ def _linears(module: nn.Module):
             yield from _linears(child)
 
 
-def pack_linears(model: nn.Module, batch_hint: int) -> str:
-    """Swap every ``nn.Linear`` of a CPU model for a :class:`PackedLinear`; say what was done.
+def pack_linears(model: nn.Module, batch_hint: int, float16: bool = False) -> str:
+    """Swap every ``nn.Linear`` of a CPU model for a :class:`PackedLinear`, or with ``float16`` for a
+    :class:`Float16Linear` where the model computes in float32, FBGEMM is there and the layer's weights keep their
+    values in float16 (:func:`float16_holds`); say what was done.
 
     Leaves the model as it was where oneDNN cannot take its dtype on this CPU
     (bfloat16 needs AVX-512 or AVX-NE-CONVERT) or where a packed layer does not
@@ -231,12 +302,14 @@ def pack_linears(model: nn.Module, batch_hint: int) -> str:
         return f"plain linear layers ({first.device.type})"
     if not torch.backends.mkldnn.is_available():
         return "plain linear layers (torch built without oneDNN)"
+    float16 = float16 and first.dtype == torch.float32 and float16_linears_available()
     swaps = []
     try:
         with torch.inference_mode():
             for parent, name, child in _linears(model):
                 if isinstance(child, nn.Linear):
-                    packed = PackedLinear(child, batch_hint)
+                    half = float16 and float16_holds(child.weight)
+                    packed = Float16Linear(child) if half else PackedLinear(child, batch_hint)
                     x = torch.randn(3, child.in_features, dtype=first.dtype)
                     want, got = child(x).float(), packed(x).float()
                     tolerance = 1e-3 if first.dtype == torch.float32 else 3e-2
@@ -247,7 +320,11 @@ def pack_linears(model: nn.Module, batch_hint: int) -> str:
         return f"plain linear layers (oneDNN cannot pack {str(first.dtype).removeprefix('torch.')} here: {exc})"
     for parent, name, packed in swaps:
         setattr(parent, name, packed)
-    return f"{len(swaps)} linear layers prepacked for oneDNN"
+    halves = sum(isinstance(packed, Float16Linear) for _, _, packed in swaps)
+    if not halves:
+        return f"{len(swaps)} linear layers prepacked for oneDNN"
+    rest = f", {len(swaps) - halves} prepacked for oneDNN" if halves < len(swaps) else ""
+    return f"{halves} linear layers with float16 weights computed in float32 (FBGEMM){rest}"
 
 
 def row_counts(rows: int, most_rows: int) -> list[int]:
@@ -263,8 +340,13 @@ def row_counts(rows: int, most_rows: int) -> list[int]:
 _PROBE_OUTPUTS, _PROBE_ROWS = 1 << 18, 1024
 
 
-def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
-    """The fewest rows from which ``layer`` computes every row of a large random block alike at each of ``counts``.
+# A tensor each of this module's layers holds with the device and dtype it computes in.
+_COMPUTES_IN = {PackedLinear: "packed", Int8Linear: "scales", Int4Linear: "scales_and_offsets", Float16Linear: "probe"}
+
+
+def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1) -> int:
+    """The fewest rows from which ``layer`` computes every row of a large random block alike at each of ``counts``
+    (each padded to a multiple of ``step`` rows, as :class:`PaddedRows` pads it).
 
     The block is computed in groups of each count (every row of it, not only
     the first: a kernel may round differently in a few outputs of some rows),
@@ -274,27 +356,61 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0) -> int:
     most = counts[-1]
     block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
     block = -(-block // most) * most  # whole groups of the largest count
-    # A tensor with the layer's device and the dtype it computes in.
-    weight = getattr(layer, {PackedLinear: "packed", Int8Linear: "scales",
-                             Int4Linear: "scales_and_offsets"}.get(type(layer), "weight"))
+    weight = getattr(layer, next((name for kind, name in _COMPUTES_IN.items() if isinstance(layer, kind)), "weight"))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
-    layer = on_rows(layer)
+    rows = on_rows(layer)
+
+    def groups(count: int) -> torch.Tensor:
+        pad = padded_count(count, 1, step) - count
+        return torch.cat([rows(torch.cat((x[i:i + count], x[i:i + 1].expand(pad, -1))) if pad else x[i:i + count])
+                          [:count] for i in range(0, block // count * count, count)])
+
     with torch.inference_mode():
-        want = torch.cat([layer(x[i:i + most]) for i in range(0, block, most)])
+        want = groups(most)
         least = most
         for count in reversed(counts[:-1]):
-            whole = block // count * count
-            got = torch.cat([layer(x[i:i + count]) for i in range(0, whole, count)])
-            if not torch.equal(got, want[:whole]):
+            got = groups(count)
+            if not torch.equal(got, want[:len(got)]):
                 break
             least = count
     return least
 
 
-def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, int]:
+class RowRule(NamedTuple):
+    """How many rows a linear layer is called on so that it rounds a row alike at every count: at least ``least``,
+    and a multiple of ``step``."""
+    least: int
+    step: int = 1
+
+    @property
+    def pads(self) -> bool:
+        return self.least > 1 or self.step > 1
+
+    def __str__(self) -> str:
+        return str(self.least) if self.step == 1 else f"multiples of {self.step}"
+
+
+# Multiples of these many rows are tried for a kind of layer that rounds alike from no few rows.
+_STEPS = (2, 3, 4, 6, 8, 12, 14, 16)
+# A kind of float16 layer whose rule pads a lone row to more rows than this is given float32 weights instead.
+_MOST_FLOAT16_PADDING = 16
+
+
+def row_rule(layer: nn.Module, counts: list[int]) -> RowRule:
+    """The :class:`RowRule` that makes ``layer`` round alike at every one of ``counts`` and pads them least in all:
+    the least rows, or, where that is more than two, a multiple of a few rows (the fewest that does it from the
+    first) if that pads less."""
+    rules = [RowRule(least_rows(layer, counts))]
+    if rules[0].least > 2:
+        step = next((step for step in _STEPS if least_rows(layer, counts, step=step) <= step), None)
+        rules += [RowRule(1, step)] if step else []
+    return min(rules, key=lambda rule: sum(padded_count(count, *rule) for count in counts))
+
+
+def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, RowRule]:
     """Measure every kind of linear layer of ``model`` and pad those that round by row count; return
-    ``{"<class> <in>x<out>": least rows}`` for each kind.
+    ``{"<class> <in>x<out>": its row rule}`` for each kind.
 
     A pass computes up to ``rows`` decoding rows plus pieces of prompts, at
     most ``most_rows`` in all; the vocabulary projection ``head`` only ever
@@ -302,15 +418,25 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
     one of each is measured. Calling this again measures again (the wrapped
     layer itself) and pads anew.
     """
-    found, swaps = {}, []
+    found, swaps, widened = {}, [], set()
     for parent, name, layer in _linears(model):
         bare = layer.layer if isinstance(layer, PaddedRows) else layer
         is_head = layer is head or bare is head
         kind = f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
-        if kind not in found:
-            counts = row_counts(rows, rows if is_head else most_rows)
-            found[kind] = least_rows(bare, counts)
+        counts = row_counts(rows, rows if is_head else most_rows)
+        if kind not in found and kind not in widened:
+            rule = found[kind] = row_rule(bare, counts)
+            if isinstance(bare, Float16Linear) and padded_count(1, *rule) > _MOST_FLOAT16_PADDING:
+                logger.warning("FBGEMM's float16 product rounds a row alike only from %d rows here (%s): float32 "
+                               "weights for those layers instead", rule.least, kind)
+                del found[kind]
+                widened.add(kind)
+        if kind in widened:
+            bare = bare.widened(rows)
+            kind = f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
+            if kind not in found:
+                found[kind] = row_rule(bare, counts)
         swaps.append((parent, name, bare, found[kind]))
-    for parent, name, bare, least in swaps:
-        setattr(parent, name, PaddedRows(bare, least) if least > 1 else bare)
+    for parent, name, bare, rule in swaps:
+        setattr(parent, name, PaddedRows(bare, *rule) if rule.pads else bare)
     return found

@@ -87,7 +87,7 @@ def release_freed_memory() -> None:
 
 def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str = "auto",
                torch_threads: int = 0, prepack_rows: int = 16, fuse: bool = True,
-               quantize: str = "none") -> LoadedModel:
+               quantize: str = "none", float16_weights: bool = False) -> LoadedModel:
     """Load tokenizer and model from a local folder (or a cached model id) and log how.
 
     ``fuse`` stacks each Llama layer's query/key/value and gate/up projections
@@ -95,7 +95,9 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
     CPU model's linear layers for batches of about that many rows
     (:func:`workers.kernels.pack_linears`); 0 leaves them plain. ``quantize``
     "int8" or "int4" gives them quantized weights instead, all but the vocabulary
-    projection (:func:`workers.kernels.quantize_linears`).
+    projection (:func:`workers.kernels.quantize_linears`). ``float16_weights`` keeps the prepacked layers'
+    weights in float16 where the model computes in float32 and they lose nothing by it
+    (:class:`workers.kernels.Float16Linear`).
     """
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
@@ -115,7 +117,7 @@ def load_model(model_id: str, device_setting: str = "auto", dtype_setting: str =
         if prepack_rows > 0:  # the vocabulary projection, left in the model's dtype
             packing += "; the vocabulary projection: " + pack_linears(model, prepack_rows)
     elif prepack_rows > 0:
-        packing = pack_linears(model, prepack_rows)
+        packing = pack_linears(model, prepack_rows, float16=float16_weights)
     else:
         packing = "plain linear layers (prepacking off)"
     kernels = f"{fusion}, {packing}"

@@ -13,7 +13,7 @@ from torch import nn
 from app.protocol import SamplingParams
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine
-from workers.kernels import PaddedRows, pad_linears
+from workers.kernels import Float16Linear, PaddedRows, RowRule, float16_linears_available, pad_linears
 from workers.model import LoadedModel, load_model, pick_dtype
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
@@ -27,6 +27,8 @@ PROMPTS = ["What is the capital of France?", "Explain how a rainbow forms, step 
 DTYPES = ["float32", "bfloat16"]
 # The rest run in the dtype a worker here picks (CHAT_DTYPE, auto by default).
 DTYPE = Settings().dtype
+# Float32 engines keep float16 weights where FBGEMM is there, as a worker's do (CHAT_FLOAT16_WEIGHTS, auto).
+FLOAT16_WEIGHTS = Settings().float16_weights == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,8 @@ def engines():
         if dtype not in started:
             # Loaded on the engine's thread, as a worker does, with the system prompt's tokens cached, and run
             # below the other threads.
-            started[dtype] = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype),
+            started[dtype] = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype,
+                                                               float16_weights=FLOAT16_WEIGHTS),
                                             max_batch=8, max_tokens=512, prefix_cache_mb=64, nice=ENGINE_NICE,
                                             shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
         return started[dtype]
@@ -177,6 +180,30 @@ def test_with_quantized_weights_greedy_output_does_not_depend_on_the_batch_eithe
         engine.stop()
 
 
+@pytest.mark.skipif(not float16_linears_available(), reason="no FBGEMM in this torch or on this CPU")
+def test_a_float32_engine_keeps_float16_weights_as_a_worker_does_and_float32_ones_when_told(engines):
+    """The float32 engine of the tests above runs FBGEMM's float16 weights (where a worker's does, by default);
+    turned off, the layers are oneDNN's float32 ones and greedy text does not depend on the batch either."""
+    half = engines("float32")
+    layers = [m for m in half.loaded.model.modules() if isinstance(m, Float16Linear)]
+    assert FLOAT16_WEIGHTS == (len(layers) == 121)  # every projection of the 30 layers, and the vocabulary's
+    if FLOAT16_WEIGHTS:
+        assert "float16 weights computed in float32 (FBGEMM)" in half.loaded.kernels
+        print("FBGEMM's float16 layers padded here to:", {kind: str(rule) for kind, rule in half.padded.items()})
+    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting="float32",
+                                               float16_weights=False),
+                            max_batch=8, max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
+    try:
+        loaded = engine.loaded
+        assert "prepacked for oneDNN" in loaded.kernels and "float16" not in loaded.kernels
+        alone = [run(engine, loaded, p).text for p in PROMPTS]
+        futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
+        assert [f.result(120).text for f in futures] == alone
+        assert all(alone)
+    finally:
+        engine.stop()
+
+
 def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):
     """Long and short rows side by side, the long ones crossing a span bucket and changing places."""
     engine, loaded = each_dtype, each_dtype.loaded
@@ -244,7 +271,8 @@ def test_a_layer_that_rounds_a_lone_row_otherwise_is_found_at_start_and_padded_a
     eng = BatchingEngine(with_a_layer_that_differs_alone, max_batch=8, max_tokens=256).start()
     try:
         # At least 2; more where the plain product underneath also rounds a few rows otherwise (float32 under MKL).
-        assert eng.padded["OtherNumbersAlone 1536x576"] >= max(2, eng.padded.get("Linear 1536x576", 1))
+        assert eng.padded["OtherNumbersAlone 1536x576"].least >= max(2, eng.padded.get("Linear 1536x576",
+                                                                                        RowRule(1)).least)
         padded = eng.loaded.model.model.layers[2].mlp.down_proj
         assert isinstance(padded, PaddedRows) and isinstance(padded.layer, OtherNumbersAlone)
         prompts = PROMPTS[:4]

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from workers.engine.runner import AttentionPlan, attend
-from workers.kernels import (Int4Linear, Int8Linear, PackedLinear, PaddedRows, least_rows, mkl_mode, pack_linears,
-                             pad_linears, quantize_linears, row_counts)
+from workers.kernels import (Float16Linear, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
+                             float16_linears_available, least_rows, mkl_mode, pack_linears, pad_linears, padded_count,
+                             quantize_linears, row_counts, row_rule)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -32,6 +33,96 @@ def test_packed_layers_compute_what_plain_ones_do():
     x = torch.randn(5, 7, 64)  # any leading shape
     with torch.inference_mode():
         assert torch.allclose(packed(x), plain(x), rtol=1e-4, atol=1e-5)
+
+
+needs_fbgemm = pytest.mark.skipif(not float16_linears_available(), reason="FBGEMM computes float16 weights on x86 "
+                                  "CPUs with AVX2; this torch or CPU has none")
+
+
+@needs_fbgemm
+def test_float16_weights_keep_a_bfloat16_checkpoints_values_and_compute_in_float32():
+    plain = small_model()
+    for layer in (plain[0], plain[2][0]):  # weights as a bfloat16 checkpoint holds them, loaded in float32
+        layer.weight.data = layer.weight.data.bfloat16().float()
+    half = small_model()
+    half.load_state_dict(plain.state_dict())
+    said = pack_linears(half, 16, float16=True)
+    assert said == "2 linear layers with float16 weights computed in float32 (FBGEMM)"
+    assert isinstance(half[0], Float16Linear) and isinstance(half[2][0], Float16Linear)
+    kept, bias = torch.ops.quantized.linear_unpack_fp16(half[0].packed)
+    assert torch.equal(kept, plain[0].weight) and torch.equal(bias, plain[0].bias)  # every value as it was
+    x = torch.randn(5, 7, 64)
+    with torch.inference_mode():
+        got, want = half(x), plain(x)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # Only the order of the sums differs: float32's rounding, not float16's (2 ** -11 of the largest output).
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@needs_fbgemm
+def test_weights_that_float16_would_round_or_a_model_in_another_dtype_keep_their_own():
+    trained = small_model()  # float32 weights with every bit in use: float16 would round them
+    assert pack_linears(trained, 16, float16=True) == "2 linear layers prepacked for oneDNN"
+    mixed = small_model()
+    mixed[0].weight.data = mixed[0].weight.data.bfloat16().float()
+    assert pack_linears(mixed, 16, float16=True) == ("1 linear layers with float16 weights computed in float32 "
+                                                      "(FBGEMM), 1 prepacked for oneDNN")
+    assert isinstance(mixed[0], Float16Linear) and isinstance(mixed[2][0], PackedLinear)
+    in_bfloat16 = small_model().bfloat16()
+    pack_linears(in_bfloat16, 16, float16=True)
+    assert not any(isinstance(m, Float16Linear) for m in in_bfloat16.modules())
+    big = small_model()
+    big[0].weight.data[0, 0] = 1e5  # beyond float16's range
+    big[0].weight.data = big[0].weight.data.bfloat16().float()
+    pack_linears(big, 16, float16=True)
+    assert isinstance(big[0], PackedLinear)
+
+
+@needs_fbgemm
+def test_float16_weights_are_padded_to_their_measured_rows_and_then_compute_alike():
+    """On this machine's FBGEMM: whatever rule the probe finds, a padded row comes out alike at every count."""
+    model = small_model()
+    for layer in (model[0], model[2][0]):
+        layer.weight.data = layer.weight.data.bfloat16().float()
+    pack_linears(model, 16, float16=True)
+    found = pad_linears(model, 16, 64)
+    print("rows FBGEMM's float16 product is padded to here:", {kind: str(rule) for kind, rule in found.items()})
+    x = torch.randn(64, 64)
+    with torch.inference_mode():
+        together = model(x)
+        for n in (*range(1, 17), 31, 32, 37, 63):
+            assert torch.equal(model(x[:n]), together[:n])
+
+
+class Float16RoundsOffBelow48Rows(Float16Linear):
+    """FBGEMM's float16 product as it might be on another CPU: alike only from more rows than are worth padding."""
+
+    def rows(self, x):
+        out = super().rows(x)
+        return out + 1e-3 if x.shape[0] < 48 else out
+
+
+@needs_fbgemm
+def test_float16_layers_that_would_need_many_rows_of_padding_get_float32_weights_instead():
+    model = small_model()
+    for layer in (model[0], model[2][0]):
+        layer.weight.data = layer.weight.data.bfloat16().float()
+    want = small_model()
+    want.load_state_dict(model.state_dict())
+    model[0] = Float16RoundsOffBelow48Rows(model[0])
+    pack_linears(model, 16, float16=True)
+    found = pad_linears(model, 16, 64)
+    assert "PackedLinear 64x96" in found and "Float16RoundsOffBelow48Rows 64x96" not in found
+    layer = model[0].layer if isinstance(model[0], PaddedRows) else model[0]
+    assert isinstance(layer, PackedLinear) and padded_count_of(model[0]) <= 2
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        assert (model(x) - want(x)).abs().max() <= 1e-5 * want(x).abs().max()  # the same weights' values
+
+
+def padded_count_of(layer) -> int:
+    """How many rows ``layer`` computes a lone row in."""
+    return padded_count(1, layer.least, layer.step) if isinstance(layer, PaddedRows) else 1
 
 
 # mode: what quantize_linears says, the layer class, its weights' bytes per weight, the products' relative error
@@ -140,6 +231,16 @@ class RoundsOffBelowThreeRows(RowByRow):
         return out + 1e-3 if x.shape[0] < 3 else out
 
 
+class RoundsAlikeInThrees(RowByRow):
+    """A kernel that works in blocks of three rows and rounds the one or two rows left over otherwise (as FBGEMM's
+    float16 product does): alike at every multiple of three rows, and at no few rows from which on."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        left = x.shape[0] % 3
+        return torch.cat((out[:x.shape[0] - left], out[x.shape[0] - left:] + 1e-3)) if left else out
+
+
 class RoundsOffFrom48Rows(RowByRow):
     """Another kernel for long passes (pieces of prompts beside the decoding rows)."""
 
@@ -164,6 +265,22 @@ def test_the_probe_finds_where_rounding_stops_changing():
     assert probe(RoundsOffFrom48Rows(8, 4)) == 64  # counts below 48 differ from a full pass
 
 
+def test_a_kernel_that_rounds_alike_only_in_whole_blocks_is_padded_to_a_multiple_of_its_block():
+    layer = RoundsAlikeInThrees(8, 4)
+    counts = row_counts(16, 64)
+    assert least_rows(layer, counts) == 64  # no few rows from which on: every count that leaves one or two over
+    assert least_rows(layer, counts, step=2) > 2 and least_rows(layer, counts, step=3) == 1
+    assert row_rule(layer, counts) == RowRule(1, 3) and str(RowRule(1, 3)) == "multiples of 3"
+    assert row_rule(RoundsOffBelowThreeRows(8, 4), counts) == RowRule(3)  # a few rows from which on: no step
+    model = nn.Sequential(layer)
+    assert pad_linears(model, 16, 64) == {"RoundsAlikeInThrees 8x4": RowRule(1, 3)}
+    x = torch.randn(40, 8)
+    with torch.inference_mode():
+        together = model(x[:39])
+        for n in range(1, 40):
+            assert torch.equal(model(x[:n]), together[:n])
+
+
 def test_the_probe_compares_every_row_not_only_the_first():
     layer = RoundsOffAloneInSomeRows(8, 4)
     block = torch.randn(1024, 8, generator=torch.Generator().manual_seed(0))  # the probe's block
@@ -174,7 +291,8 @@ def test_the_probe_compares_every_row_not_only_the_first():
 def test_layers_that_round_by_row_count_are_padded_and_then_compute_alike():
     model = nn.Sequential(RowByRow(8, 8), nn.Sequential(RoundsOffAloneInSomeRows(8, 8)), RoundsOffBelowThreeRows(8, 4))
     found = pad_linears(model, 8, 16)
-    assert found == {"RowByRow 8x8": 1, "RoundsOffAloneInSomeRows 8x8": 2, "RoundsOffBelowThreeRows 8x4": 3}
+    assert found == {"RowByRow 8x8": RowRule(1), "RoundsOffAloneInSomeRows 8x8": RowRule(2),
+                     "RoundsOffBelowThreeRows 8x4": RowRule(3)}
     assert type(model[0]) is RowByRow  # a layer that needs no padding is left as it was
     assert isinstance(model[1][0], PaddedRows) and model[1][0].least == 2
     assert isinstance(model[2], PaddedRows) and model[2].least == 3
@@ -193,7 +311,8 @@ def test_layers_that_round_by_row_count_are_padded_and_then_compute_alike():
 def test_the_vocabulary_projection_is_measured_only_at_decoding_row_counts():
     head = RoundsOffFrom48Rows(8, 4)
     model = nn.Sequential(RowByRow(8, 8), head)
-    assert pad_linears(model, 16, 64, head=head) == {"RowByRow 8x8": 1, "RoundsOffFrom48Rows 8x4 (head)": 1}
+    assert pad_linears(model, 16, 64, head=head) == {"RowByRow 8x8": RowRule(1),
+                                                     "RoundsOffFrom48Rows 8x4 (head)": RowRule(1)}
     assert model[1] is head
 
 

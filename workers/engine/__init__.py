@@ -43,7 +43,8 @@ def build_engine(settings, after_pass=lambda: None):
 
     def load():  # on the engine's own thread: the one that runs the model
         return load_model(str(settings.model_dir), settings.device, settings.dtype, settings.torch_threads,
-                          settings.max_batch if settings.prepack else 0, settings.fuse_projections, settings.quantize)
+                          settings.max_batch if settings.prepack else 0, settings.fuse_projections, settings.quantize,
+                          settings.float16_weights == "auto")
 
     if settings.engine == "batching":
         return BatchingEngine(load, settings.max_batch, settings.engine_max_tokens,

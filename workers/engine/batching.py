@@ -15,6 +15,7 @@ from app.protocol import SamplingParams
 from workers.engine.prefix import PrefixIndex, PrefixStats
 from workers.engine.request import GenerationResult, IncrementalDecoder, Request
 from workers.engine.runner import ModelRunner, ModelSource, take
+from workers.kernels import RowRule
 from workers.engine.scheduler import Scheduler, StepPlan
 from workers.model import LoadedModel
 
@@ -82,7 +83,7 @@ class BatchingEngine:
         return self.runner.min_rows
 
     @property
-    def padded(self) -> dict[str, int]:
+    def padded(self) -> dict[str, RowRule]:
         return self.runner.padded
 
     def start(self) -> BatchingEngine:
@@ -163,7 +164,8 @@ class BatchingEngine:
         kept = PrefixIndex(int(self.prefix_cache_mb * 2**20) // runner.bytes_per_token)
         self.scheduler = Scheduler(self.max_batch, self.max_tokens, self.prefill_tokens_per_pass, lm.eos_ids,
                                    prefix=prefix, prefix_row=runner.prefix_row, kept=kept)
-        padded = ", ".join(f"{kind} from {rows} rows" for kind, rows in runner.padded.items() if rows > 1)
+        padded = ", ".join(f"{kind} from {rule.least} rows" if rule.step == 1 else f"{kind} to {rule}"
+                           for kind, rule in runner.padded.items() if rule.pads)
         logger.info("Engine: %d slots; prompts kept for reuse: %s; %s; %s; whole passes give a row's logits alike "
                     "alone and in a batch %s (measured in %.1fs)", self.max_batch,
                     f"up to {kept.capacity_tokens} tokens ({self.prefix_cache_mb:g} MB)" if kept.enabled else "none", "lean Llama pass" if runner.lean else

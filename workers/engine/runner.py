@@ -33,7 +33,7 @@ from app.protocol import SamplingParams
 from workers.engine.cache import RaggedKVCache
 from workers.engine.scheduler import IDLE_PREFILL_TOKENS, PREFILL_CHUNK, CacheOp, DecodeRow, PromptPiece, span_of
 from workers.fusion import LlamaPass
-from workers.kernels import pad_linears
+from workers.kernels import RowRule, pad_linears
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class ModelRunner:
         self.prefill_tokens_per_pass = prefill_tokens_per_pass
         self.vocab = loaded.model.get_input_embeddings().num_embeddings
         self.min_rows = 1  # measured by setup: see forward and least_pass_rows
-        self.padded: dict[str, int] = {}  # least rows of each kind of linear layer (pad_linears)
+        self.padded: dict[str, RowRule] = {}  # how each kind of linear layer is padded (pad_linears)
         self.invariance_s = 0.0  # the time those two measurements took
         self.cache: RaggedKVCache | None = None
         self.lean: LlamaPass | None = None
