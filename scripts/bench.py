@@ -474,7 +474,8 @@ def markdown(out: dict) -> str:
         f"{_yes(r['ttft_stack_minus_engine_ms'] < 15)} |",
         f"| 2 workers x 1 thread / 1 worker x 1 thread, saturated | {r['two_workers_over_one_1t']}x | ≥ 1.6x | "
         f"{_yes(r['two_workers_over_one_1t'] >= 1.6)} |",
-        *(f"| lone request ITL p50 with batch invariance / without (engine alone, {dtype}) | "
+        *(f"| lone request ITL p50 with batch invariance / without (engine alone, {dtype}"
+          f"{_with_float16(inv)}) | "
           f"{inv['itl_as_run_over_unpadded']:.3f}x | ≤ 1.05x | {_yes(inv['itl_as_run_over_unpadded'] <= 1.05)} |"
           for dtype, inv in out["invariance"].items()),
         "", *invariance_section(out["invariance"]),
@@ -678,6 +679,11 @@ def quantized_section(out: dict) -> list[str]:
     return lines
 
 
+def _with_float16(inv: dict) -> str:
+    """What an invariance probe's engine ran where its layers held float16 weights (FBGEMM pads a lone row)."""
+    return "; float16 weights: FBGEMM takes a lone row padded to 3" if "float16 weights" in inv.get("kernels", "") else ""
+
+
 def float16_section(out: dict) -> list[str]:
     """A float32 engine's linear layers with float16 weights (FBGEMM) against float32 ones (oneDNN)."""
     if "float16" not in out:
@@ -693,9 +699,10 @@ def float16_section(out: dict) -> list[str]:
         "in float32 (the dtype it picks on a CPU without native bfloat16; it picked "
         f"{engine_dtype} on this one), with its linear layers' weights in float16 through FBGEMM "
         "(`CHAT_FLOAT16_WEIGHTS=auto`, the default; the checkpoint's bfloat16 values, every one kept) against "
-        "float32 weights through oneDNN (`off`). The factual questions first, greedy; then in each of "
-        f"{h['rounds']} rounds a lone request and 16 requests at once on each engine in turn; medians, and the "
-        "median of the rounds' own ratios.", "",
+        "float32 weights through oneDNN (`off`). The factual questions first, greedy; then "
+        + (f"in each of {h['rounds']} rounds a lone request and 16 requests at once on each engine in turn; "
+           "medians, and the median of the rounds' own ratios." if h["rounds"] > 1 else
+           "in one round a lone request and 16 requests at once on each engine in turn."), "",
         "| figure | float16 weights | float32 weights | float16 / float32 |", "| --- | --- | --- | --- |",
         f"| lone request ITL p50, engine alone | {h['itl_ms']['float16']:.1f} ms | {h['itl_ms']['float32']:.1f} ms "
         f"| {h['itl_ms_ratio']:.2f}x |",

@@ -15,8 +15,8 @@ from app.protocol import SamplingParams
 from workers.engine.prefix import PrefixIndex, PrefixStats
 from workers.engine.request import GenerationResult, IncrementalDecoder, Request
 from workers.engine.runner import ModelRunner, ModelSource, take
-from workers.kernels import RowRule
 from workers.engine.scheduler import Scheduler, StepPlan
+from workers.kernels import RowRule
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
