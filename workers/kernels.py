@@ -344,6 +344,13 @@ _PROBE_OUTPUTS, _PROBE_ROWS = 1 << 18, 1024
 _COMPUTES_IN = {PackedLinear: "packed", Int8Linear: "scales", Int4Linear: "scales_and_offsets", Float16Linear: "probe"}
 
 
+def _random_rows(layer: nn.Module, count: int, seed: int) -> torch.Tensor:
+    """``count`` random input rows for ``layer``, on its device and in the dtype it computes in."""
+    weight = getattr(layer, next((name for kind, name in _COMPUTES_IN.items() if isinstance(layer, kind)), "weight"))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(count, layer.in_features, generator=generator).to(weight.device, weight.dtype)
+
+
 def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1) -> int:
     """The fewest rows from which ``layer`` computes every row of a large random block alike at each of ``counts``
     (each padded to a multiple of ``step`` rows, as :class:`PaddedRows` pads it).
@@ -356,9 +363,7 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1
     most = counts[-1]
     block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
     block = -(-block // most) * most  # whole groups of the largest count
-    weight = getattr(layer, next((name for kind, name in _COMPUTES_IN.items() if isinstance(layer, kind)), "weight"))
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(block, layer.in_features, generator=generator).to(weight.device, weight.dtype)
+    x = _random_rows(layer, block, seed)
     rows = on_rows(layer)
 
     def groups(count: int) -> torch.Tensor:
@@ -400,12 +405,24 @@ _MOST_FLOAT16_PADDING = 16
 def row_rule(layer: nn.Module, counts: list[int]) -> RowRule:
     """The :class:`RowRule` that makes ``layer`` round alike at every one of ``counts`` and pads them least in all:
     the least rows, or, where that is more than two, a multiple of a few rows (the fewest that does it from the
-    first) if that pads less."""
+    first, checked at every multiple up to the largest count) if that pads less."""
     rules = [RowRule(least_rows(layer, counts))]
     if rules[0].least > 2:
-        step = next((step for step in _STEPS if least_rows(layer, counts, step=step) <= step), None)
+        step = next((step for step in _STEPS if least_rows(layer, counts, step=step) <= step
+                     and alike_at_multiples(layer, step, counts[-1])), None)
         rules += [RowRule(1, step)] if step else []
     return min(rules, key=lambda rule: sum(padded_count(count, *rule) for count in counts))
+
+
+def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) -> bool:
+    """Whether ``layer`` computes every row of a random block alike at each multiple of ``step`` rows up to
+    ``most``: a kernel that works in blocks of rows may split one count otherwise than its neighbours."""
+    top = padded_count(most, 1, step)
+    x = _random_rows(layer, top, seed)
+    rows = on_rows(layer)
+    with torch.inference_mode():
+        want = rows(x)
+        return all(torch.equal(rows(x[:count]), want[:count]) for count in range(step, top, step))
 
 
 def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, RowRule]:

@@ -163,21 +163,26 @@ def test_greedy_output_does_not_depend_on_when_the_others_arrive(each_dtype):
         assert [futures[p].result(120).text for p in PROMPTS] == alone
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_with_quantized_weights_greedy_output_does_not_depend_on_the_batch_either(quantize, dtype):
-    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype, quantize=quantize),
-                            max_batch=8, max_tokens=512,
+def assert_batch_invariant(load, kernels: str) -> None:
+    """An engine on the model ``load`` gives, whose kernels say ``kernels``: greedy text alone is its text in a batch."""
+    engine = BatchingEngine(load, max_batch=8, max_tokens=512,
                             shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
     try:
         loaded = engine.loaded
-        assert f"{quantize.upper()} weights" in loaded.kernels
+        assert kernels in loaded.kernels
         alone = [run(engine, loaded, p).text for p in PROMPTS]
         futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
         assert [f.result(120).text for f in futures] == alone
         assert all(alone)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_with_quantized_weights_greedy_output_does_not_depend_on_the_batch_either(quantize, dtype):
+    assert_batch_invariant(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting=dtype, quantize=quantize),
+                           f"{quantize.upper()} weights")
 
 
 @pytest.mark.skipif(not float16_linears_available(), reason="no FBGEMM in this torch or on this CPU")
@@ -190,18 +195,8 @@ def test_a_float32_engine_keeps_float16_weights_as_a_worker_does_and_float32_one
     if FLOAT16_WEIGHTS:
         assert "float16 weights computed in float32 (FBGEMM)" in half.loaded.kernels
         print("FBGEMM's float16 layers padded here to:", {kind: str(rule) for kind, rule in half.padded.items()})
-    engine = BatchingEngine(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting="float32",
-                                               float16_weights=False),
-                            max_batch=8, max_tokens=512, shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
-    try:
-        loaded = engine.loaded
-        assert "prepacked for oneDNN" in loaded.kernels and "float16" not in loaded.kernels
-        alone = [run(engine, loaded, p).text for p in PROMPTS]
-        futures = [engine.submit(ids(loaded, p), SamplingParams(24), lambda s: None) for p in PROMPTS]
-        assert [f.result(120).text for f in futures] == alone
-        assert all(alone)
-    finally:
-        engine.stop()
+    assert_batch_invariant(lambda: load_model(str(DEFAULT_MODEL_DIR), dtype_setting="float32", float16_weights=False),
+                           "121 linear layers prepacked for oneDNN")
 
 
 def test_rows_of_different_spans_decode_as_they_would_alone(each_dtype):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from workers.engine.runner import AttentionPlan, attend
-from workers.kernels import (Float16Linear, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
+from workers.kernels import (Float16Linear, alike_at_multiples, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
                              float16_linears_available, least_rows, mkl_mode, pack_linears, pad_linears, padded_count,
                              quantize_linears, row_counts, row_rule)
 
@@ -241,6 +241,14 @@ class RoundsAlikeInThrees(RowByRow):
         return torch.cat((out[:x.shape[0] - left], out[x.shape[0] - left:] + 1e-3)) if left else out
 
 
+class RoundsAlikeInThreesSaveAt45(RoundsAlikeInThrees):
+    """As :class:`RoundsAlikeInThrees`, and otherwise again at 45 rows: a count the probe's doublings pass by."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + 1e-3 if x.shape[0] == 45 else out
+
+
 class RoundsOffFrom48Rows(RowByRow):
     """Another kernel for long passes (pieces of prompts beside the decoding rows)."""
 
@@ -279,6 +287,13 @@ def test_a_kernel_that_rounds_alike_only_in_whole_blocks_is_padded_to_a_multiple
         together = model(x[:39])
         for n in range(1, 40):
             assert torch.equal(model(x[:n]), together[:n])
+
+
+def test_a_multiple_is_taken_only_where_every_multiple_up_to_the_longest_pass_rounds_alike():
+    layer, counts = RoundsAlikeInThreesSaveAt45(8, 4), row_counts(16, 64)
+    assert least_rows(layer, counts, step=3) == 1  # the probe's counts, padded to threes, do not meet 45
+    assert not alike_at_multiples(layer, 3, 64) and alike_at_multiples(layer, 6, 64)
+    assert row_rule(layer, counts) == RowRule(1, 6)
 
 
 def test_the_probe_compares_every_row_not_only_the_first():
