@@ -435,22 +435,25 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
     one of each is measured. Calling this again measures again (the wrapped
     layer itself) and pads anew.
     """
+    def kind_of(bare: nn.Module, is_head: bool) -> str:
+        return f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
+
     found, swaps, widened = {}, [], set()
     for parent, name, layer in _linears(model):
         bare = layer.layer if isinstance(layer, PaddedRows) else layer
         is_head = layer is head or bare is head
-        kind = f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
-        counts = row_counts(rows, rows if is_head else most_rows)
+        kind, counts = kind_of(bare, is_head), row_counts(rows, rows if is_head else most_rows)
         if kind not in found and kind not in widened:
-            rule = found[kind] = row_rule(bare, counts)
+            rule = row_rule(bare, counts)
             if isinstance(bare, Float16Linear) and padded_count(1, *rule) > _MOST_FLOAT16_PADDING:
                 logger.warning("FBGEMM's float16 product rounds a row alike only from %d rows here (%s): float32 "
                                "weights for those layers instead", rule.least, kind)
-                del found[kind]
                 widened.add(kind)
+            else:
+                found[kind] = rule
         if kind in widened:
             bare = bare.widened(rows)
-            kind = f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
+            kind = kind_of(bare, is_head)
             if kind not in found:
                 found[kind] = row_rule(bare, counts)
         swaps.append((parent, name, bare, found[kind]))
