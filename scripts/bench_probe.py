@@ -150,13 +150,19 @@ FACTUAL = ROOT / "scripts" / "factual_questions.json"
 FACTUAL_TOKENS = 48
 
 
-def factual(engine, questions: list[dict]) -> list[bool]:
-    """Whether the engine's greedy reply to each factual question is right (submitted together: a row's text does
-    not depend on its batch)."""
+def factual_replies(engine, questions: list[dict]) -> list[str]:
+    """The engine's greedy reply to each factual question (submitted together: a row's text does not depend on its
+    batch)."""
     tok = engine.loaded.tokenizer
     futures = [engine.submit(build_prompt_ids(tok, SYSTEM, [{"role": "user", "content": q["q"]}], 1000),
                              SamplingParams(FACTUAL_TOKENS), lambda _: None) for q in questions]
-    return [any(a.lower() in f.result().text.lower() for a in q["a"]) for q, f in zip(questions, futures)]
+    return [f.result().text for f in futures]
+
+
+def factual(engine, questions: list[dict], replies: list[str] | None = None) -> list[bool]:
+    """Whether each reply (the engine's, where not given) to the factual questions is right."""
+    replies = factual_replies(engine, questions) if replies is None else replies
+    return [any(a.lower() in text.lower() for a in q["a"]) for q, text in zip(questions, replies)]
 
 
 def quantized(threads: int, rounds: str = "3") -> dict:
@@ -212,12 +218,8 @@ def float16(threads: int, rounds: str = "3") -> dict:
                for name in ("float16", "float32")}
     try:
         questions = json.loads(FACTUAL.read_text())["questions"]
-        tok = engines["float32"].loaded.tokenizer
-        asked = [build_prompt_ids(tok, SYSTEM, [{"role": "user", "content": q["q"]}], 1000) for q in questions]
-        replies = {name: [f.result().text for f in [eng.submit(ids, SamplingParams(FACTUAL_TOKENS), lambda _: None)
-                                                     for ids in asked]] for name, eng in engines.items()}
-        right = {name: [any(a.lower() in text.lower() for a in q["a"]) for q, text in zip(questions, texts)]
-                 for name, texts in replies.items()}
+        replies = {name: factual_replies(eng, questions) for name, eng in engines.items()}
+        right = {name: factual(eng, questions, replies[name]) for name, eng in engines.items()}
         all_ids = prompts(engines["float32"].loaded)
         runs = {name: [] for name in engines}
         for r in range(int(rounds)):

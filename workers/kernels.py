@@ -89,7 +89,7 @@ class Float16Linear(nn.Module):
     over few rows is mostly one read of the weights: float16 ones are half the
     bytes. A model whose checkpoint holds bfloat16 or float16 weights loses
     nothing by it (:func:`float16_holds`). The kernel rounds a row alike only
-    at some row counts (every multiple of three on the CPUs measured, from its
+    at some row counts (every multiple of three on the AVX2 CPU measured, from its
     blocks of rows), which :func:`pad_linears` measures and pads to.
     """
 
