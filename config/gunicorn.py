@@ -64,6 +64,9 @@ def child_exit(server, worker):
 
 def post_worker_init(worker):
     """Once the app is loaded in the serving process: gunicorn's own error lines (which name a failed request's
-    URL) redacted; long-lived objects out of full collections."""
+    URL) redacted; the pools' connections opened; long-lived objects out of full collections."""
     logging.getLogger("gunicorn.error").addFilter(RedactFilter())
+    from app.web import warm_connections
+
+    warm_connections(worker.wsgi.extensions["chat"])
     logging.getLogger("app.web").info("%d long-lived objects taken out of full garbage collections", freeze_heap())

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     web_workers: int = Field(1, ge=1)
     # Redis and database connections of one web process grow with this (requests beyond wait for one).
     web_pool_size: int = Field(64, ge=4)
+    # Connections each web process opens when it starts, to each database, Redis and the broker, so that the first
+    # burst of chats does not wait for them to be opened (0: each is opened when first needed).
+    web_warm_connections: int = Field(16, ge=0)
     secret_key: str = DEFAULT_SECRET_KEY
     # Proxies in front of the web tier whose X-Forwarded-For/-Proto are believed (the caller's address).
     proxy_hops: int = Field(0, ge=0)
