@@ -132,6 +132,14 @@ def float16_linears_available() -> bool:
         "AVX2", "AVX512")
 
 
+class PassRows:
+    """How many of a pass's first rows are decoding rows (one new token of a request each): set by the runner before
+    each pass, read by the layers that compute those rows apart from the rest (:class:`PaddedRows`)."""
+
+    def __init__(self):
+        self.decoding = 0
+
+
 class PaddedRows(nn.Module):
     """A linear layer that is never called on fewer than ``least`` rows.
 
@@ -140,11 +148,19 @@ class PaddedRows(nn.Module):
     for more, so a row computed alone would differ from the same row in a batch.
     With ``step`` > 1, every call is padded to a multiple of ``step`` rows too,
     for a kernel that rounds a row alike only at such counts.
+
+    Given ``apart`` (the pass's :class:`PassRows`), a pass's decoding rows are
+    computed in a call of their own, unpadded, and only its prompts' rows are
+    padded: for a layer whose kernel rounds alike at every count of decoding
+    rows and again at every count from ``least`` on, but otherwise between the
+    two (oneDNN with AMX: a row alike from 1 to 32 rows and from 64 on, here).
+    A decoding row is then always computed by the one kernel, and a prompt's
+    rows by the other, whatever shares the pass.
     """
 
-    def __init__(self, layer: nn.Module, least: int, step: int = 1):
+    def __init__(self, layer: nn.Module, least: int, step: int = 1, apart: PassRows | None = None):
         super().__init__()
-        self.layer, self.least, self.step = layer, least, step
+        self.layer, self.least, self.step, self.apart = layer, least, step, apart
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._rows = on_rows(layer)
 
@@ -153,6 +169,15 @@ class PaddedRows(nn.Module):
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for input that already is (rows, in_features)."""
+        n = x.shape[0]
+        decoding = min(self.apart.decoding, n) if self.apart is not None else 0
+        if not decoding:
+            return self._padded(x)
+        if decoding == n:
+            return self._rows(x)
+        return torch.cat((self._rows(x[:decoding]), self._padded(x[decoding:])))
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         want = padded_count(n, self.least, self.step)
         if n == want:
@@ -384,16 +409,19 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1
 
 class RowRule(NamedTuple):
     """How many rows a linear layer is called on so that it rounds a row alike at every count: at least ``least``,
-    and a multiple of ``step``."""
+    and a multiple of ``step``; with ``apart``, a pass's decoding rows in a call of their own, unpadded, and only
+    the rest so."""
     least: int
     step: int = 1
+    apart: bool = False
 
     @property
     def pads(self) -> bool:
         return self.least > 1 or self.step > 1
 
     def __str__(self) -> str:
-        return str(self.least) if self.step == 1 else f"multiples of {self.step}"
+        rows = str(self.least) if self.step == 1 else f"multiples of {self.step}"
+        return f"{rows}, decoding rows apart" if self.apart else rows
 
 
 # Multiples of these many rows are tried for a kind of layer that rounds alike from no few rows.
@@ -402,16 +430,25 @@ _STEPS = (2, 3, 4, 6, 8, 12, 14, 16)
 _MOST_FLOAT16_PADDING = 16
 
 
-def row_rule(layer: nn.Module, counts: list[int]) -> RowRule:
+def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0) -> RowRule:
     """The :class:`RowRule` that makes ``layer`` round alike at every one of ``counts`` and pads them least in all:
     the least rows, or, where that is more than two, a multiple of a few rows (the fewest that does it from the
-    first, checked at every multiple up to the largest count) if that pads less."""
+    first, checked at every multiple up to the largest count) if that pads less.
+
+    Given ``decoding`` (the most decoding rows of a pass), a rule that would
+    pad a count of decoding rows leaves them apart instead, where the layer
+    rounds a row alike at every count from 1 to ``decoding``.
+    """
     rules = [RowRule(least_rows(layer, counts))]
     if rules[0].least > 2:
         step = next((step for step in _STEPS if least_rows(layer, counts, step=step) <= step
                      and alike_at_multiples(layer, step, counts[-1])), None)
         rules += [RowRule(1, step)] if step else []
-    return min(rules, key=lambda rule: sum(padded_count(count, *rule) for count in counts))
+    rule = min(rules, key=lambda rule: sum(padded_count(count, rule.least, rule.step) for count in counts))
+    pads_decoding = any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1))
+    if pads_decoding and least_rows(layer, list(range(1, decoding + 1))) == 1:
+        return rule._replace(apart=True)
+    return rule
 
 
 def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) -> bool:
@@ -425,27 +462,31 @@ def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) ->
         return all(torch.equal(rows(x[:count]), want[:count]) for count in range(step, top, step))
 
 
-def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, RowRule]:
+def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None,
+                pass_rows: PassRows | None = None) -> dict[str, RowRule]:
     """Measure every kind of linear layer of ``model`` and pad those that round by row count; return
     ``{"<class> <in>x<out>": its row rule}`` for each kind.
 
     A pass computes up to ``rows`` decoding rows plus pieces of prompts, at
     most ``most_rows`` in all; the vocabulary projection ``head`` only ever
-    sees the decoding rows. Layers of one class and shape share a kernel, so
-    one of each is measured. Calling this again measures again (the wrapped
+    sees the decoding rows. Given the runner's ``pass_rows``, a kind may keep
+    the decoding rows apart (:func:`row_rule`). Layers of one class and shape
+    share a kernel, so one of each is measured. Calling this again measures again (the wrapped
     layer itself) and pads anew.
     """
     def kind_of(bare: nn.Module, is_head: bool) -> str:
         return f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
 
     found, swaps, widened = {}, [], set()
+    decoding = rows if pass_rows is not None else 0
     for parent, name, layer in _linears(model):
         bare = layer.layer if isinstance(layer, PaddedRows) else layer
         is_head = layer is head or bare is head
         kind, counts = kind_of(bare, is_head), row_counts(rows, rows if is_head else most_rows)
         if kind not in found and kind not in widened:
-            rule = row_rule(bare, counts)
-            if isinstance(bare, Float16Linear) and padded_count(1, *rule) > _MOST_FLOAT16_PADDING:
+            rule = row_rule(bare, counts, decoding)
+            if isinstance(bare, Float16Linear) and padded_count(1, rule.least, rule.step) > _MOST_FLOAT16_PADDING \
+                    and not rule.apart:
                 logger.warning("FBGEMM's float16 product rounds a row alike only from %d rows here (%s): float32 "
                                "weights for those layers instead", rule.least, kind)
                 widened.add(kind)
@@ -455,8 +496,9 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
             bare = bare.widened(rows)
             kind = kind_of(bare, is_head)
             if kind not in found:
-                found[kind] = row_rule(bare, counts)
+                found[kind] = row_rule(bare, counts, decoding)
         swaps.append((parent, name, bare, found[kind]))
     for parent, name, bare, rule in swaps:
-        setattr(parent, name, PaddedRows(bare, *rule) if rule.pads else bare)
+        setattr(parent, name, PaddedRows(bare, rule.least, rule.step, pass_rows if rule.apart else None)
+                if rule.pads else bare)
     return found

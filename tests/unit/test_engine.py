@@ -13,7 +13,7 @@ from torch import nn
 from app.protocol import SamplingParams
 from config.settings import DEFAULT_MODEL_DIR, Settings
 from workers.engine import PREFILL_CHUNK, SPAN_BUCKET, BatchingEngine, GenerateEngine
-from workers.kernels import Float16Linear, PaddedRows, RowRule, float16_linears_available, pad_linears
+from workers.kernels import Float16Linear, PaddedRows, PassRows, RowRule, float16_linears_available, pad_linears
 from workers.model import LoadedModel, load_model, pick_dtype
 from workers.prompt import build_prompt_ids, shared_prefix_ids
 
@@ -102,9 +102,17 @@ def run(engine, loaded, prompt, n=24, **kw):
 
 
 def padded_stock_model(dtype: torch.dtype) -> LoadedModel:
-    """transformers' own layers, with the linear layers that round by row count padded as the engine pads them."""
+    """transformers' own layers, with the linear layers that round by row count padded as the engine pads them.
+
+    Where the engine computes decoding rows apart (a kernel that rounds alike
+    at few rows and again from many on), so does this: generate() computes
+    the prompt in one call, then one row a call, each a decoding row.
+    """
     stock = load_model(str(DEFAULT_MODEL_DIR), dtype_setting=str(dtype).removeprefix("torch."), fuse=False)
-    pad_linears(stock.model, 1, 512, head=stock.model.get_output_embeddings())
+    rows = PassRows()
+    pad_linears(stock.model, 1, 512, head=stock.model.get_output_embeddings(), pass_rows=rows)
+    stock.model.register_forward_pre_hook(
+        lambda _, args, kwargs: setattr(rows, "decoding", int(kwargs["input_ids"].shape[1] == 1)), with_kwargs=True)
     return stock
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from workers.engine.runner import AttentionPlan, attend
 from workers.kernels import (Float16Linear, alike_at_multiples, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
                              float16_linears_available, least_rows, mkl_mode, pack_linears, pad_linears, padded_count,
-                             quantize_linears, row_counts, row_rule)
+                             PassRows, quantize_linears, row_counts, row_rule)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -321,6 +321,44 @@ def test_layers_that_round_by_row_count_are_padded_and_then_compute_alike():
     # Measuring again measures the layers themselves and pads anew, never a padded layer.
     assert pad_linears(model, 8, 16) == found
     assert isinstance(model[2].layer, RoundsOffBelowThreeRows)
+
+
+class RoundsAlikeToThirtyTwoAndFrom64(RowByRow):
+    """One kernel up to 32 rows and another from 64 on, each alike at its own counts, and rounding otherwise
+    between them (as oneDNN's bfloat16 product where the CPU has AMX)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        n = x.shape[0]
+        return out if n <= 32 else out + 1e-3 if n >= 64 else out + 2e-3 * n
+
+
+def test_decoding_rows_are_computed_apart_where_a_kernel_rounds_alike_at_every_count_of_them():
+    layer, counts = RoundsAlikeToThirtyTwoAndFrom64(8, 4), row_counts(16, 128)
+    assert row_rule(layer, counts) == RowRule(64)  # without the pass's decoding rows: every call padded to 64
+    assert row_rule(layer, counts, decoding=16) == RowRule(64, apart=True)
+    assert str(RowRule(64, apart=True)) == "64, decoding rows apart"
+    assert row_rule(layer, counts, decoding=40) == RowRule(64)  # 33 to 40 decoding rows would round otherwise
+    assert row_rule(RoundsOffBelowThreeRows(8, 4), counts, decoding=16) == RowRule(3)  # one and two differ
+    assert row_rule(RowByRow(8, 4), counts, decoding=16) == RowRule(1)  # nothing padded: nothing apart
+    rows = PassRows()
+    model = nn.Sequential(layer)
+    assert pad_linears(model, 16, 128, pass_rows=rows) == {"RoundsAlikeToThirtyTwoAndFrom64 8x4": RowRule(64, apart=True)}
+    assert isinstance(model[0], PaddedRows) and model[0].apart is rows
+    x = torch.randn(80, 8)
+    with torch.inference_mode():
+        rows.decoding = 16
+        together = model(x)  # 16 decoding rows, then 64 rows of prompts
+        for decoding in range(1, 17):  # a decoding row comes out alike beside any number of others, with or without
+            rows.decoding = decoding    # prompts in the pass
+            assert torch.equal(model(x[16 - decoding:16]), together[16 - decoding:16])
+            assert torch.equal(model(torch.cat((x[16 - decoding:16], x[16:19])))[:decoding],
+                               together[16 - decoding:16])
+        rows.decoding = 0
+        prompt = model(x[16:])  # prompts alone, and a piece of one of a few rows, padded
+        assert torch.equal(prompt, together[16:]) and torch.equal(model(x[16:19]), together[16:19])
+        rows.decoding = 16
+        assert not torch.equal(model(x[:16]), layer(x)[:16])  # apart, the decoding rows take the other kernel
 
 
 def test_the_vocabulary_projection_is_measured_only_at_decoding_row_counts():
