@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,20 @@ def _tail(text: str, lines: int = 6) -> str:
     return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
+# llama.cpp builds for the CPU it is built on; where that CPU has AMX, its AMX matrix kernels took a general
+# protection fault at their first tile instruction (ldtilecfg) on the machine measured, so it is built without
+# them (its AVX-512 kernels otherwise as the CPU has them). The flags win over -march=native whatever their order.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() in ("x86_64", "AMD64") else ""
+
+
+def _build_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if NO_AMX:
+        for name in ("CFLAGS", "CXXFLAGS"):
+            env[name] = f"{env.get(name, '')} {NO_AMX}".strip()
+    return env
+
+
 def install() -> list[Peer]:
     """Install what is missing, each peer on its own: one that fails leaves the other."""
     if not _python().exists():
@@ -68,7 +83,7 @@ def install() -> list[Peer]:
         logger.info("Peer %s: pip install %s (llama.cpp builds from source: minutes, once)", name, " ".join(packages))
         started = time.monotonic()
         done = subprocess.run([str(_python()), "-m", "pip", "install", "--quiet", *packages], capture_output=True,
-                              text=True)
+                              text=True, env=_build_env())
         if done.returncode:
             peers.append(Peer(name, f"pip install {' '.join(packages)} failed: {_tail(done.stderr)}"))
             logger.error("Peer %s could not be installed: %s", name, peers[-1].problem)
@@ -91,7 +106,8 @@ def serving(peer: Peer, log_dir: Path, threads: int, dtype: str) -> Iterator[str
         argv = [str(_python()), "-m", "llama_cpp.server", "--model", str(GGUF), "--host", "127.0.0.1",
                 "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048", "--model_alias", "peer",
                 "--interrupt_requests", "False"]
-        peer.detail = f"`{GGUF.name}`, {threads} threads, one request at a time"
+        peer.detail = f"`{GGUF.name}`, {threads} threads, one request at a time" + (
+            ", built without its AMX kernels" if NO_AMX else "")
     else:
         argv = [str(VENV / "bin" / "transformers"), "serve", "--continuous-batching", "--device", "cpu",
                 "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), str(DEFAULT_MODEL_DIR)]
