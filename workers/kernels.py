@@ -132,14 +132,6 @@ def float16_linears_available() -> bool:
         "AVX2", "AVX512")
 
 
-class PassRows:
-    """How many of a pass's first rows are decoding rows (one new token of a request each): set by the runner before
-    each pass, read by the layers that compute those rows apart from the rest (:class:`PaddedRows`)."""
-
-    def __init__(self):
-        self.decoding = 0
-
-
 class PaddedRows(nn.Module):
     """A linear layer that is never called on fewer than ``least`` rows.
 
@@ -149,18 +141,18 @@ class PaddedRows(nn.Module):
     With ``step`` > 1, every call is padded to a multiple of ``step`` rows too,
     for a kernel that rounds a row alike only at such counts.
 
-    Given ``apart`` (the pass's :class:`PassRows`), a pass's decoding rows are
-    computed in a call of their own, unpadded, and only its prompts' rows are
-    padded: for a layer whose kernel rounds alike at every count of decoding
-    rows and again at every count from ``least`` on, but otherwise between the
-    two (oneDNN with AMX: a row alike from 1 to 32 rows and from 64 on, here).
-    A decoding row is then always computed by the one kernel, and a prompt's
-    rows by the other, whatever shares the pass.
+    With ``most``, it is never called on more than ``most`` rows instead, and
+    never padded: more rows are computed in calls of ``most`` rows and one of
+    the rest. That is for a kernel that rounds a row alike at every count from
+    1 to ``most`` and again from many rows on, but otherwise between the two
+    (oneDNN's bfloat16 product on a CPU with AMX: alike from 1 to 32 rows and
+    from 64 on, here): every row is then computed by the kernel for few rows,
+    a lone decoding row unpadded.
     """
 
-    def __init__(self, layer: nn.Module, least: int, step: int = 1, apart: PassRows | None = None):
+    def __init__(self, layer: nn.Module, least: int, step: int = 1, most: int = 0):
         super().__init__()
-        self.layer, self.least, self.step, self.apart = layer, least, step, apart
+        self.layer, self.least, self.step, self.most = layer, least, step, most
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._rows = on_rows(layer)
 
@@ -169,16 +161,9 @@ class PaddedRows(nn.Module):
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for input that already is (rows, in_features)."""
-        n = x.shape[0]
-        decoding = min(self.apart.decoding, n) if self.apart is not None else 0
-        if not decoding:
-            return self._padded(x)
-        if decoding == n:
-            return self._rows(x)
-        return torch.cat((self._rows(x[:decoding]), self._padded(x[decoding:])))
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
+        n, most = x.shape[0], self.most
+        if most:
+            return self._rows(x) if n <= most else torch.cat([self._rows(x[i:i + most]) for i in range(0, n, most)])
         want = padded_count(n, self.least, self.step)
         if n == want:
             return self._rows(x)
@@ -409,21 +394,25 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1
 
 class RowRule(NamedTuple):
     """How many rows a linear layer is called on so that it rounds a row alike at every count: at least ``least``,
-    and a multiple of ``step``; with ``apart``, a pass's decoding rows in a call of their own, unpadded, and only
-    the rest so."""
+    and a multiple of ``step``; or, with ``most``, never more than ``most`` (and never padded)."""
     least: int
     step: int = 1
-    apart: bool = False
+    most: int = 0
 
     @property
     def pads(self) -> bool:
-        return self.least > 1 or self.step > 1
+        """Whether the layer is wrapped (:class:`PaddedRows`): padded, or split."""
+        return self.least > 1 or self.step > 1 or self.most > 0
 
     def __str__(self) -> str:
-        rows = str(self.least) if self.step == 1 else f"multiples of {self.step}"
-        return f"{rows}, decoding rows apart" if self.apart else rows
+        if self.most:
+            return f"at most {self.most}"
+        return str(self.least) if self.step == 1 else f"multiples of {self.step}"
 
 
+# Where a rule would pad decoding rows, calls of at most these many rows are tried, the most first (never fewer than
+# a pass's decoding rows).
+_MOST_ROWS = (64, 48, 32, 24, 16)
 # Multiples of these many rows are tried for a kind of layer that rounds alike from no few rows.
 _STEPS = (2, 3, 4, 6, 8, 12, 14, 16)
 # A kind of float16 layer whose rule pads a lone row to more rows than this is given float32 weights instead.
@@ -436,8 +425,9 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0) -> RowRule:
     first, checked at every multiple up to the largest count) if that pads less.
 
     Given ``decoding`` (the most decoding rows of a pass), a rule that would
-    pad a count of decoding rows leaves them apart instead, where the layer
-    rounds a row alike at every count from 1 to ``decoding``.
+    pad a count of decoding rows gives way to calls of at most a number of rows
+    (no fewer than ``decoding``) at every count up to which the layer rounds a
+    row alike, where there is such a number.
     """
     rules = [RowRule(least_rows(layer, counts))]
     if rules[0].least > 2:
@@ -445,9 +435,11 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0) -> RowRule:
                      and alike_at_multiples(layer, step, counts[-1])), None)
         rules += [RowRule(1, step)] if step else []
     rule = min(rules, key=lambda rule: sum(padded_count(count, rule.least, rule.step) for count in counts))
-    pads_decoding = any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1))
-    if pads_decoding and least_rows(layer, list(range(1, decoding + 1))) == 1:
-        return rule._replace(apart=True)
+    if any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1)):
+        most = next((most for most in _MOST_ROWS if most >= decoding
+                     and least_rows(layer, list(range(1, most + 1))) == 1), None)
+        if most:
+            return RowRule(1, 1, most)
     return rule
 
 
@@ -462,31 +454,28 @@ def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) ->
         return all(torch.equal(rows(x[:count]), want[:count]) for count in range(step, top, step))
 
 
-def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None,
-                pass_rows: PassRows | None = None) -> dict[str, RowRule]:
+def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, RowRule]:
     """Measure every kind of linear layer of ``model`` and pad those that round by row count; return
     ``{"<class> <in>x<out>": its row rule}`` for each kind.
 
     A pass computes up to ``rows`` decoding rows plus pieces of prompts, at
     most ``most_rows`` in all; the vocabulary projection ``head`` only ever
-    sees the decoding rows. Given the runner's ``pass_rows``, a kind may keep
-    the decoding rows apart (:func:`row_rule`). Layers of one class and shape
-    share a kernel, so one of each is measured. Calling this again measures again (the wrapped
+    sees the decoding rows. A kind that would pad decoding rows may be split
+    into calls of at most some rows instead (:func:`row_rule`). Layers of one
+    class and shape share a kernel, so one of each is measured. Calling this again measures again (the wrapped
     layer itself) and pads anew.
     """
     def kind_of(bare: nn.Module, is_head: bool) -> str:
         return f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
 
     found, swaps, widened = {}, [], set()
-    decoding = rows if pass_rows is not None else 0
     for parent, name, layer in _linears(model):
         bare = layer.layer if isinstance(layer, PaddedRows) else layer
         is_head = layer is head or bare is head
         kind, counts = kind_of(bare, is_head), row_counts(rows, rows if is_head else most_rows)
         if kind not in found and kind not in widened:
-            rule = row_rule(bare, counts, decoding)
-            if isinstance(bare, Float16Linear) and padded_count(1, rule.least, rule.step) > _MOST_FLOAT16_PADDING \
-                    and not rule.apart:
+            rule = row_rule(bare, counts, rows)
+            if isinstance(bare, Float16Linear) and padded_count(1, rule.least, rule.step) > _MOST_FLOAT16_PADDING:
                 logger.warning("FBGEMM's float16 product rounds a row alike only from %d rows here (%s): float32 "
                                "weights for those layers instead", rule.least, kind)
                 widened.add(kind)
@@ -496,9 +485,8 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
             bare = bare.widened(rows)
             kind = kind_of(bare, is_head)
             if kind not in found:
-                found[kind] = row_rule(bare, counts, decoding)
+                found[kind] = row_rule(bare, counts, rows)
         swaps.append((parent, name, bare, found[kind]))
     for parent, name, bare, rule in swaps:
-        setattr(parent, name, PaddedRows(bare, rule.least, rule.step, pass_rows if rule.apart else None)
-                if rule.pads else bare)
+        setattr(parent, name, PaddedRows(bare, *rule) if rule.pads else bare)
     return found

@@ -14,7 +14,7 @@ from torch import nn
 from workers.engine.runner import AttentionPlan, attend
 from workers.kernels import (Float16Linear, alike_at_multiples, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
                              float16_linears_available, least_rows, mkl_mode, pack_linears, pad_linears, padded_count,
-                             PassRows, quantize_linears, row_counts, row_rule)
+                             quantize_linears, row_counts, row_rule)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -95,11 +95,12 @@ def test_float16_weights_are_padded_to_their_measured_rows_and_then_compute_alik
 
 
 class Float16RoundsOffBelow48Rows(Float16Linear):
-    """FBGEMM's float16 product as it might be on another CPU: alike only from more rows than are worth padding."""
+    """FBGEMM's float16 product as it might be on another CPU: alike only from more rows than are worth padding,
+    and below them not at every count alike either (so not to be called on few rows instead)."""
 
     def rows(self, x):
         out = super().rows(x)
-        return out + 1e-3 if x.shape[0] < 48 else out
+        return out + 1e-3 * (1 + x.shape[0] % 2) if x.shape[0] < 48 else out
 
 
 @needs_fbgemm
@@ -333,32 +334,24 @@ class RoundsAlikeToThirtyTwoAndFrom64(RowByRow):
         return out if n <= 32 else out + 1e-3 if n >= 64 else out + 2e-3 * n
 
 
-def test_decoding_rows_are_computed_apart_where_a_kernel_rounds_alike_at_every_count_of_them():
+def test_a_kernel_alike_at_few_rows_and_again_at_many_is_called_on_few_rows_rather_than_padded_to_many():
     layer, counts = RoundsAlikeToThirtyTwoAndFrom64(8, 4), row_counts(16, 128)
-    assert row_rule(layer, counts) == RowRule(64)  # without the pass's decoding rows: every call padded to 64
-    assert row_rule(layer, counts, decoding=16) == RowRule(64, apart=True)
-    assert str(RowRule(64, apart=True)) == "64, decoding rows apart"
-    assert row_rule(layer, counts, decoding=40) == RowRule(64)  # 33 to 40 decoding rows would round otherwise
+    assert row_rule(layer, counts) == RowRule(64)  # without decoding rows to spare: every call padded to 64
+    assert row_rule(layer, counts, decoding=16) == RowRule(1, 1, 32)
+    assert str(RowRule(1, 1, 32)) == "at most 32" and RowRule(1, 1, 32).pads
+    assert row_rule(layer, counts, decoding=40) == RowRule(64)  # 40 decoding rows in one call would round otherwise
     assert row_rule(RoundsOffBelowThreeRows(8, 4), counts, decoding=16) == RowRule(3)  # one and two differ
-    assert row_rule(RowByRow(8, 4), counts, decoding=16) == RowRule(1)  # nothing padded: nothing apart
-    rows = PassRows()
+    assert row_rule(RowByRow(8, 4), counts, decoding=16) == RowRule(1)  # nothing padded: nothing split
     model = nn.Sequential(layer)
-    assert pad_linears(model, 16, 128, pass_rows=rows) == {"RoundsAlikeToThirtyTwoAndFrom64 8x4": RowRule(64, apart=True)}
-    assert isinstance(model[0], PaddedRows) and model[0].apart is rows
-    x = torch.randn(80, 8)
+    assert pad_linears(model, 16, 128) == {"RoundsAlikeToThirtyTwoAndFrom64 8x4": RowRule(1, 1, 32)}
+    assert isinstance(model[0], PaddedRows) and model[0].most == 32
+    x = torch.randn(200, 8)
     with torch.inference_mode():
-        rows.decoding = 16
-        together = model(x)  # 16 decoding rows, then 64 rows of prompts
-        for decoding in range(1, 17):  # a decoding row comes out alike beside any number of others, with or without
-            rows.decoding = decoding    # prompts in the pass
-            assert torch.equal(model(x[16 - decoding:16]), together[16 - decoding:16])
-            assert torch.equal(model(torch.cat((x[16 - decoding:16], x[16:19])))[:decoding],
-                               together[16 - decoding:16])
-        rows.decoding = 0
-        prompt = model(x[16:])  # prompts alone, and a piece of one of a few rows, padded
-        assert torch.equal(prompt, together[16:]) and torch.equal(model(x[16:19]), together[16:19])
-        rows.decoding = 16
-        assert not torch.equal(model(x[:16]), layer(x)[:16])  # apart, the decoding rows take the other kernel
+        together = model(x)  # in calls of 32 rows, and one of 8
+        assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(200)]))  # each as alone
+        for n in (1, 5, 16, 33, 64, 100):
+            assert torch.equal(model(x[:n]), together[:n])
+        assert not torch.equal(layer(x[:64]), together[:64])  # called whole, 64 rows would round otherwise
 
 
 def test_the_vocabulary_projection_is_measured_only_at_decoding_row_counts():

@@ -33,7 +33,7 @@ from app.protocol import SamplingParams
 from workers.engine.cache import RaggedKVCache
 from workers.engine.scheduler import IDLE_PREFILL_TOKENS, PREFILL_CHUNK, CacheOp, DecodeRow, PromptPiece, span_of
 from workers.fusion import LlamaPass
-from workers.kernels import PassRows, RowRule, pad_linears
+from workers.kernels import RowRule, pad_linears
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,6 @@ class ModelRunner:
         self.vocab = loaded.model.get_input_embeddings().num_embeddings
         self.min_rows = 1  # measured by setup: see forward and least_pass_rows
         self.padded: dict[str, RowRule] = {}  # how each kind of linear layer is padded (pad_linears)
-        self.pass_rows = PassRows()  # the decoding rows of the pass under way, for layers that compute them apart
         self.invariance_s = 0.0  # the time those two measurements took
         self.cache: RaggedKVCache | None = None
         self.lean: LlamaPass | None = None
@@ -169,8 +168,7 @@ class ModelRunner:
         # The most rows a pass computes: decoding rows and pieces of prompts, or pieces alone when none decodes.
         most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK, IDLE_PREFILL_TOKENS)
         started = time.monotonic()
-        self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings(),
-                                  pass_rows=self.pass_rows)
+        self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings())
         # Fused Llama layers run in a lean pass of their own; any other model through its forward.
         self.lean = LlamaPass.of(lm.model, self.max_tokens)
         self.cache = RaggedKVCache(cfg.num_hidden_layers, self.max_batch + 2, cfg.num_key_value_heads,
@@ -277,7 +275,6 @@ class ModelRunner:
             if last:
                 keep.append(len(tokens) - 1)
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
-        self.pass_rows.decoding = len(decoding)  # the pass's first rows, and the first of ``keep``
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
         plan = AttentionPlan(self._decode_groups(decoding), chunks)
         ids = torch.tensor(tokens, device=dev)
