@@ -408,11 +408,11 @@ def invariance_section(by_dtype: dict) -> list[str]:
         "in each round one lone request (64 tokens, ITL the median of its gaps) and then 16 requests at once "
         "(32 tokens each), for each way in turn, each way first in its turn: as it runs (the kinds of linear "
         "layer that round a row differently by row count padded to their least rows, or to multiples of the rows "
-        "they round alike at, measured at start), "
-        "unpadded (no padding at all: greedy text may then depend on the batch) and the whole pass padded to two "
-        "rows instead. Figures are medians over the rounds; a ratio is the median of the rounds' own ratios.", "",
-        "| dtype | layers padded (least rows, or multiples) | measured at start | lone ITL ms: as run / unpadded / whole pass "
-        "| as run / unpadded | 16 at once tok/s: as run / unpadded / whole pass | as run / unpadded |",
+        "they round alike at, or called on at most the few rows they round alike at, measured at start), "
+        "unpadded (no padding or splitting at all: greedy text may then depend on the batch) and the whole pass "
+        "padded to two rows instead. Figures are medians over the rounds; a ratio is the median of the rounds' own ratios.", "",
+        "| dtype | layers padded (least rows, or multiples) or split (at most) | measured at start "
+        "| lone ITL ms: as run / unpadded / whole pass | as run / unpadded | 16 at once tok/s: as run / unpadded / whole pass | as run / unpadded |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for dtype, inv in by_dtype.items():

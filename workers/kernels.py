@@ -462,8 +462,8 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
     most ``most_rows`` in all; the vocabulary projection ``head`` only ever
     sees the decoding rows. A kind that would pad decoding rows may be split
     into calls of at most some rows instead (:func:`row_rule`). Layers of one
-    class and shape share a kernel, so one of each is measured. Calling this again measures again (the wrapped
-    layer itself) and pads anew.
+    class and shape share a kernel, so one of each is measured. Calling this
+    again measures again (the wrapped layer itself) and pads anew.
     """
     def kind_of(bare: nn.Module, is_head: bool) -> str:
         return f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"

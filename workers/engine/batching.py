@@ -165,7 +165,8 @@ class BatchingEngine:
         self.scheduler = Scheduler(self.max_batch, self.max_tokens, self.prefill_tokens_per_pass, lm.eos_ids,
                                    prefix=prefix, prefix_row=runner.prefix_row, kept=kept)
         padded = ", ".join(f"{kind} in calls of {rule} rows" if rule.most else f"{kind} from {rule.least} rows"
-                           if rule.step == 1 else f"{kind} to {rule}" for kind, rule in runner.padded.items() if rule.pads)
+                           if rule.step == 1 else f"{kind} to {rule}"
+                           for kind, rule in runner.padded.items() if rule.pads)
         logger.info("Engine: %d slots; prompts kept for reuse: %s; %s; %s; whole passes give a row's logits alike "
                     "alone and in a batch %s (measured in %.1fs)", self.max_batch,
                     f"up to {kept.capacity_tokens} tokens ({self.prefix_cache_mb:g} MB)" if kept.enabled else "none", "lean Llama pass" if runner.lean else
