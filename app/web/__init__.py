@@ -108,7 +108,7 @@ def warm_connections(services: Services) -> dict[str, int]:
         return opened
     started = time.monotonic()
     for name, engine in (("primary", services.store.primary), ("replica", services.store.replica)):
-        opened[name] = _hold(lambda: engine.connect(), lambda conn: conn.close(),
+        opened[name] = _hold(engine.connect, lambda conn: conn.close(),
                              min(want, engine.pool.size()), name)
     pool = services.redis.connection_pool
     opened["redis"] = _hold(pool.get_connection, pool.release, min(want, pool.max_connections), "redis")

@@ -143,7 +143,7 @@ def assert_a_near_tie_where_they_part(loaded: LoadedModel, prompt: list[int], on
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([prompt + a[:same]])).logits[0, -1].float()
     top = logits.max().item()
-    ranks = [logits[t].item() for t in (a[same:same + 1] or b[same:same + 1]) + (b[same:same + 1] or a[same:same + 1])]
+    ranks = [logits[t].item() for t in {*a[same:same + 1], *b[same:same + 1]}]  # each reply's next token, if any
     print(f"parted after {same} tokens: logits {ranks} against the top {top}")
     assert all(top - r <= 1.0 for r in ranks)  # both within bfloat16's rounding of the most likely
 
