@@ -411,7 +411,7 @@ def invariance_section(by_dtype: dict) -> list[str]:
         "they round alike at, or called on at most the few rows they round alike at, measured at start), "
         "unpadded (no padding or splitting at all: greedy text may then depend on the batch) and the whole pass "
         "padded to two rows instead. Figures are medians over the rounds; a ratio is the median of the rounds' own ratios.", "",
-        "| dtype | layers padded (least rows, or multiples) or split (at most) | measured at start "
+        "| dtype | layers padded (least rows, or multiples) or split (at most; decoding rows apart) | measured at start "
         "| lone ITL ms: as run / unpadded / whole pass | as run / unpadded | 16 at once tok/s: as run / unpadded / whole pass | as run / unpadded |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

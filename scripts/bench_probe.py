@@ -255,12 +255,12 @@ def invariance(threads: int, dtype: str = "auto", rounds: int = 5) -> dict:
     its turn; a ratio is the median of the rounds' own ratios, each taken at one speed of the machine."""
     eng = start_engine(threads, dtype=dtype)
     padded = [m for m in eng.loaded.model.modules() if isinstance(m, PaddedRows)]
-    rules, min_rows = {m: (m.least, m.step, m.most) for m in padded}, eng.min_rows
+    rules, min_rows = {m: (m.least, m.step, m.most, m.few) for m in padded}, eng.min_rows
 
     def use(way: str) -> None:
         eng.runner.min_rows = 2 if way == "whole_pass" else min_rows
         for m in padded:
-            m.least, m.step, m.most = rules[m] if way == "as_run" else (1, 1, 0)
+            m.least, m.step, m.most, m.few = rules[m] if way == "as_run" else (1, 1, 0, 0)
 
     try:
         all_ids = prompts(eng.loaded)

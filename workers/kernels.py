@@ -132,6 +132,15 @@ def float16_linears_available() -> bool:
         "AVX2", "AVX512")
 
 
+class PassRows:
+    """How many of a pass's first rows a layer that keeps them apart (:class:`PaddedRows` with ``few``) computes in
+    calls of few rows: its decoding rows, and the rows of prompts' first positions. Set by the runner for each
+    pass; 0 between passes (any other caller's rows are all prompts' rows)."""
+
+    def __init__(self):
+        self.few = 0
+
+
 class PaddedRows(nn.Module):
     """A linear layer that is never called on fewer than ``least`` rows.
 
@@ -139,20 +148,27 @@ class PaddedRows(nn.Module):
     dropped: the layer's kernel for few rows rounds differently from the one
     for more, so a row computed alone would differ from the same row in a batch.
     With ``step`` > 1, every call is padded to a multiple of ``step`` rows too,
-    for a kernel that rounds a row alike only at such counts.
+    for a kernel that rounds a row alike only at such counts. With ``most``, it
+    is never called on more than ``most`` rows either: more rows are computed
+    in calls of ``most`` rows and one of the rest.
 
-    With ``most``, it is never called on more than ``most`` rows instead, and
-    never padded: more rows are computed in calls of ``most`` rows and one of
-    the rest. That is for a kernel that rounds a row alike at every count from
-    1 to ``most`` and again from many rows on, but otherwise between the two
-    (oneDNN's bfloat16 product on a CPU with AMX: alike from 1 to 32 rows and
-    from 64 on, here): every row is then computed by the kernel for few rows,
-    a lone decoding row unpadded.
+    That is for kernels that switch by row count (oneDNN's bfloat16 product on
+    a CPU with AMX: here a row alike from 1 to 32 rows, then in another way,
+    and for some shapes in a third from 256 rows on). With ``least`` 1 and
+    ``most`` 32 every row is computed by the kernel for few rows, unpadded.
+    With ``few``, the pass's first rows that ``apart`` (the runner's
+    :class:`PassRows`) names, its decoding rows and its prompts' rows at their
+    first positions, are computed apart in calls of at most ``few`` rows,
+    unpadded, and only the rest padded and split: a decoding row is then
+    always computed by the kernel for few rows, and a long prompt's later rows
+    by the one for many, whatever shares the pass.
     """
 
-    def __init__(self, layer: nn.Module, least: int, step: int = 1, most: int = 0):
+    def __init__(self, layer: nn.Module, least: int, step: int = 1, most: int = 0, few: int = 0,
+                 apart: PassRows | None = None):
         super().__init__()
         self.layer, self.least, self.step, self.most = layer, least, step, most
+        self.few, self.apart = few, apart if few else None
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._rows = on_rows(layer)
 
@@ -161,9 +177,22 @@ class PaddedRows(nn.Module):
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for input that already is (rows, in_features)."""
+        first = min(self.apart.few, x.shape[0]) if self.few and self.apart is not None else 0
+        if not first:
+            return self._calls(x)
+        few = self.few
+        parts = [self._rows(x[i:min(i + few, first)]) for i in range(0, first, few)]
+        parts += [self._calls(x[first:])] if first < x.shape[0] else []
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _calls(self, x: torch.Tensor) -> torch.Tensor:
         n, most = x.shape[0], self.most
-        if most:
-            return self._rows(x) if n <= most else torch.cat([self._rows(x[i:i + most]) for i in range(0, n, most)])
+        if most and n > most:
+            return torch.cat([self._padded(x[i:i + most]) for i in range(0, n, most)])
+        return self._padded(x)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
         want = padded_count(n, self.least, self.step)
         if n == want:
             return self._rows(x)
@@ -394,40 +423,49 @@ def least_rows(layer: nn.Module, counts: list[int], seed: int = 0, step: int = 1
 
 class RowRule(NamedTuple):
     """How many rows a linear layer is called on so that it rounds a row alike at every count: at least ``least``,
-    and a multiple of ``step``; or, with ``most``, never more than ``most`` (and never padded)."""
+    and a multiple of ``step``; with ``most``, never more than ``most`` either (calls of ``most`` rows and one of
+    the rest). With ``few``, a pass's first rows (:class:`PassRows`) are computed apart, in calls of at most ``few``
+    rows, unpadded, and only the rest so."""
     least: int
     step: int = 1
     most: int = 0
+    few: int = 0
 
     @property
     def pads(self) -> bool:
         """Whether the layer is wrapped (:class:`PaddedRows`): padded, or split."""
-        return self.least > 1 or self.step > 1 or self.most > 0
+        return self.least > 1 or self.step > 1 or self.most > 0 or self.few > 0
 
     def __str__(self) -> str:
+        if self.few:
+            rows = f"{self.least} to {self.most}" if self.most else f"at least {self.least}"
+            return f"decoding rows in calls of at most {self.few}, prompts' later rows in calls of {rows}"
         if self.most:
             return f"at most {self.most}"
         return str(self.least) if self.step == 1 else f"multiples of {self.step}"
 
 
-# Where a rule would pad decoding rows, calls of at most these many rows are tried, the most first (never fewer than
-# a pass's decoding rows).
-_MOST_ROWS = (64, 48, 32, 24, 16)
 # Multiples of these many rows are tried for a kind of layer that rounds alike from no few rows.
 _STEPS = (2, 3, 4, 6, 8, 12, 14, 16)
 # A kind of float16 layer whose rule pads a lone row to more rows than this is given float32 weights instead.
 _MOST_FLOAT16_PADDING = 16
+# What a call costs beyond its rows, as so many rows more: each call reads the layer's weights once. On the AMX CPU
+# measured, the model's linear layers took 12.5 ms over one row, 57 ms over 256 rows (in one call each).
+_CALL_ROWS = 64
 
 
-def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0) -> RowRule:
+def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0, prompts: int = 0) -> RowRule:
     """The :class:`RowRule` that makes ``layer`` round alike at every one of ``counts`` and pads them least in all:
     the least rows, or, where that is more than two, a multiple of a few rows (the fewest that does it from the
     first, checked at every multiple up to the largest count) if that pads less.
 
     Given ``decoding`` (the most decoding rows of a pass), a rule that would
-    pad a count of decoding rows gives way to calls of at most a number of rows
-    (no fewer than ``decoding``) at every count up to which the layer rounds a
-    row alike, where there is such a number.
+    pad a count of decoding rows gives way, where the layer rounds a row
+    alike at every count of decoding rows (:func:`row_classes`), to the
+    cheaper of: calls of at most as many rows as it rounds so; and, given
+    ``prompts`` (the most rows of prompts a pass computes), decoding rows in a
+    call of their own and the prompts' rows in calls within another range of
+    counts that round alike (padded up to its least).
     """
     rules = [RowRule(least_rows(layer, counts))]
     if rules[0].least > 2:
@@ -435,12 +473,64 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0) -> RowRule:
                      and alike_at_multiples(layer, step, counts[-1])), None)
         rules += [RowRule(1, step)] if step else []
     rule = min(rules, key=lambda rule: sum(padded_count(count, rule.least, rule.step) for count in counts))
-    if any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1)):
-        most = next((most for most in _MOST_ROWS if most >= decoding
-                     and least_rows(layer, list(range(1, most + 1))) == 1), None)
-        if most:
-            return RowRule(1, 1, most)
-    return rule
+    if not any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1)):
+        return rule
+    top = max(counts[-1], decoding + prompts)
+    runs = alike_runs(row_classes(layer, top))
+    first, last, _ = runs[0]
+    if last < decoding:
+        return rule  # decoding rows round otherwise at some count of them
+    choices = [RowRule(1, 1, last)] if last < top else []
+    if prompts:
+        choices += [RowRule(least, 1, most if most < prompts else 0, last) for least, most, _ in runs[1:]]
+    if not choices:
+        return rule
+    return min(choices, key=lambda choice: sum(call_cost(choice, d, n) for d in (0, decoding)
+                                                for n in range(1, prompts + 1 if prompts else top - d + 1)))
+
+
+def call_cost(rule: RowRule, decoding: int, prompts: int) -> int:
+    """What a pass of ``decoding`` and ``prompts`` rows costs in a layer so called: the rows it computes, padding
+    too, and :data:`_CALL_ROWS` for each call."""
+    def split(n: int) -> tuple[int, int]:  # calls and rows for n rows, in calls of most and one of the rest
+        calls = -(-n // rule.most) if rule.most else 1
+        rest = n - (calls - 1) * rule.most if rule.most else n
+        return calls, n - rest + padded_count(rest, rule.least, rule.step)
+
+    if rule.few and decoding:
+        calls, rows = split(prompts)
+        return (calls - (not prompts) + -(-decoding // rule.few)) * _CALL_ROWS + rows + decoding
+    calls, rows = split(decoding + prompts)
+    return calls * _CALL_ROWS + rows
+
+
+def row_classes(layer: nn.Module, most: int, seed: int = 0) -> list[int]:
+    """For each count of rows from 1 to ``most``, the least count that computes every row of a large random block
+    as it does (each in groups of its count): counts with one class round a row alike."""
+    block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
+    x = _random_rows(layer, block, seed)
+    rows = on_rows(layer)
+    seen: list[tuple[int, torch.Tensor]] = []
+    classes = []
+    with torch.inference_mode():
+        for count in range(1, most + 1):
+            got = torch.cat([rows(x[i:i + count]) for i in range(0, block // count * count, count)])
+            alike = next((first for first, out in seen if torch.equal(got[:len(out)], out[:len(got)])), None)
+            if alike is None:
+                seen.append((count, got))
+            classes.append(alike or count)
+    return classes
+
+
+def alike_runs(classes: list[int]) -> list[tuple[int, int, int]]:
+    """(first count, last count, class) of each run of counts with one class in ``classes`` (counts from 1)."""
+    runs = []
+    for count, cls in enumerate(classes, 1):
+        if runs and runs[-1][2] == cls and runs[-1][1] == count - 1:
+            runs[-1] = (runs[-1][0], count, cls)
+        else:
+            runs.append((count, count, cls))
+    return runs
 
 
 def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) -> bool:
@@ -454,14 +544,16 @@ def alike_at_multiples(layer: nn.Module, step: int, most: int, seed: int = 1) ->
         return all(torch.equal(rows(x[:count]), want[:count]) for count in range(step, top, step))
 
 
-def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None) -> dict[str, RowRule]:
+def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | None = None,
+                pass_rows: PassRows | None = None) -> dict[str, RowRule]:
     """Measure every kind of linear layer of ``model`` and pad those that round by row count; return
     ``{"<class> <in>x<out>": its row rule}`` for each kind.
 
     A pass computes up to ``rows`` decoding rows plus pieces of prompts, at
     most ``most_rows`` in all; the vocabulary projection ``head`` only ever
     sees the decoding rows. A kind that would pad decoding rows may be split
-    into calls of at most some rows instead (:func:`row_rule`). Layers of one
+    into calls of at most some rows instead, or, given the runner's
+    ``pass_rows``, compute them apart (:func:`row_rule`). Layers of one
     class and shape share a kernel, so one of each is measured. Calling this
     again measures again (the wrapped layer itself) and pads anew.
     """
@@ -469,13 +561,15 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
         return f"{type(bare).__name__} {bare.in_features}x{bare.out_features}{' (head)' if is_head else ''}"
 
     found, swaps, widened = {}, [], set()
+    prompts = most_rows - rows if pass_rows is not None else 0
     for parent, name, layer in _linears(model):
         bare = layer.layer if isinstance(layer, PaddedRows) else layer
         is_head = layer is head or bare is head
         kind, counts = kind_of(bare, is_head), row_counts(rows, rows if is_head else most_rows)
         if kind not in found and kind not in widened:
-            rule = row_rule(bare, counts, rows)
-            if isinstance(bare, Float16Linear) and padded_count(1, rule.least, rule.step) > _MOST_FLOAT16_PADDING:
+            rule = row_rule(bare, counts, rows, 0 if is_head else prompts)
+            if isinstance(bare, Float16Linear) and not rule.few \
+                    and padded_count(1, rule.least, rule.step) > _MOST_FLOAT16_PADDING:
                 logger.warning("FBGEMM's float16 product rounds a row alike only from %d rows here (%s): float32 "
                                "weights for those layers instead", rule.least, kind)
                 widened.add(kind)
@@ -485,8 +579,9 @@ def pad_linears(model: nn.Module, rows: int, most_rows: int, head: nn.Module | N
             bare = bare.widened(rows)
             kind = kind_of(bare, is_head)
             if kind not in found:
-                found[kind] = row_rule(bare, counts, rows)
+                found[kind] = row_rule(bare, counts, rows, 0 if is_head else prompts)
         swaps.append((parent, name, bare, found[kind]))
     for parent, name, bare, rule in swaps:
-        setattr(parent, name, PaddedRows(bare, *rule) if rule.pads else bare)
+        setattr(parent, name, PaddedRows(bare, rule.least, rule.step, rule.most, rule.few, pass_rows)
+                if rule.pads else bare)
     return found

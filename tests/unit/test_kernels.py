@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from workers.engine.runner import AttentionPlan, attend
-from workers.kernels import (Float16Linear, alike_at_multiples, Int4Linear, Int8Linear, PackedLinear, PaddedRows, RowRule,
+from workers.kernels import (Float16Linear, alike_at_multiples, Int4Linear, Int8Linear, PackedLinear, PaddedRows, PassRows,
+                             RowRule,
                              float16_linears_available, least_rows, mkl_mode, pack_linears, pad_linears, padded_count,
                              quantize_linears, row_counts, row_rule)
 
@@ -352,6 +353,27 @@ def test_a_kernel_alike_at_few_rows_and_again_at_many_is_called_on_few_rows_rath
         for n in (1, 5, 16, 33, 64, 100):
             assert torch.equal(model(x[:n]), together[:n])
         assert not torch.equal(layer(x[:64]), together[:64])  # called whole, 64 rows would round otherwise
+
+
+def test_given_the_pass_rows_a_kernel_for_few_rows_and_one_for_many_keep_a_pass_first_rows_apart():
+    layer, counts = RoundsAlikeToThirtyTwoAndFrom64(8, 4), row_counts(16, 128)
+    rule = row_rule(layer, counts, decoding=16, prompts=112)
+    assert rule == RowRule(64, 1, 0, 32) and rule.pads
+    assert str(rule) == "decoding rows in calls of at most 32, prompts' later rows in calls of at least 64"
+    assert row_rule(layer, counts, decoding=16) == RowRule(1, 1, 32)  # without the pass's rows to go by
+    model, pass_rows = nn.Sequential(layer), PassRows()
+    assert pad_linears(model, 16, 128, pass_rows=pass_rows) == {"RoundsAlikeToThirtyTwoAndFrom64 8x4": rule}
+    x = torch.randn(120, 8)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(120)])  # the kernel for few rows
+        many = layer(x)  # the one for many
+        for few, n in ((0, 5), (0, 100), (1, 1), (16, 16), (16, 40), (40, 41), (40, 120), (70, 100)):
+            pass_rows.few = few
+            got = model(x[:n])
+            assert torch.equal(got[:few], alone[:min(few, n)]), (few, n)  # unpadded, in calls of at most 32
+            assert torch.equal(got[few:], many[few:n]), (few, n)  # padded up to 64 rows where fewer
+        pass_rows.few = 0
+    assert not torch.equal(alone[:40], many[:40])  # the two kernels round otherwise
 
 
 def test_the_vocabulary_projection_is_measured_only_at_decoding_row_counts():

@@ -33,10 +33,15 @@ from app.protocol import SamplingParams
 from workers.engine.cache import RaggedKVCache
 from workers.engine.scheduler import IDLE_PREFILL_TOKENS, PREFILL_CHUNK, CacheOp, DecodeRow, PromptPiece, span_of
 from workers.fusion import LlamaPass
-from workers.kernels import RowRule, pad_linears
+from workers.kernels import PassRows, RowRule, pad_linears
 from workers.model import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+# A layer that computes a pass's decoding rows apart from its prompts' rows (a kernel for few rows and one for many:
+# :class:`workers.kernels.PaddedRows` with ``few``) computes prompts' rows at positions below this with them: a short
+# prompt, as most first turns are, then adds no call of its own, and a long one's later rows go in calls of many.
+FEW_POSITIONS = 64
 
 # The real tokens of the start-up check that whole passes compute a row alike alone and beside others.
 CHECK_TEXT = ("A request's greedy text must not depend on what else shares its batch. Each piece of this "
@@ -154,6 +159,7 @@ class ModelRunner:
         self.vocab = loaded.model.get_input_embeddings().num_embeddings
         self.min_rows = 1  # measured by setup: see forward and least_pass_rows
         self.padded: dict[str, RowRule] = {}  # how each kind of linear layer is padded (pad_linears)
+        self.pass_rows = PassRows()  # the rows of the pass under way that go with its decoding rows (FEW_POSITIONS)
         self.invariance_s = 0.0  # the time those two measurements took
         self.cache: RaggedKVCache | None = None
         self.lean: LlamaPass | None = None
@@ -168,7 +174,8 @@ class ModelRunner:
         # The most rows a pass computes: decoding rows and pieces of prompts, or pieces alone when none decodes.
         most = self.max_batch + max(self.prefill_tokens_per_pass, PREFILL_CHUNK, IDLE_PREFILL_TOKENS)
         started = time.monotonic()
-        self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings())
+        self.padded = pad_linears(lm.model, self.max_batch, most, head=lm.model.get_output_embeddings(),
+                                  pass_rows=self.pass_rows)
         # Fused Llama layers run in a lean pass of their own; any other model through its forward.
         self.lean = LlamaPass.of(lm.model, self.max_tokens)
         self.cache = RaggedKVCache(cfg.num_hidden_layers, self.max_batch + 2, cfg.num_key_value_heads,
@@ -263,30 +270,39 @@ class ModelRunner:
             tokens += [template.token] * pad
             rows += [self.scratch_row] * pad
             positions += [template.length] * pad
-        chunks = []
-        for prompt, row, first, length, last in pieces:
-            stop = first + length
+        # Each piece's tokens at positions below FEW_POSITIONS first, with the decoding rows; then the later ones.
+        cuts = [min(piece.length, max(0, FEW_POSITIONS - piece.first)) for piece in pieces]
+        spans = [(i, piece.first, cut) for i, (piece, cut) in enumerate(zip(pieces, cuts)) if cut]
+        spans += [(i, piece.first + cut, piece.length - cut) for i, (piece, cut) in enumerate(zip(pieces, cuts))
+                  if cut < piece.length]
+        self.pass_rows.few = len(tokens) + sum(cuts)
+        chunks, ends = [], {}
+        for i, first, length in spans:
+            piece, stop = pieces[i], first + length
             # Each of the piece's tokens attends over its row up to itself; built once for every layer.
             causal = torch.arange(stop, device=dev)[None, :] <= torch.arange(first, stop, device=dev)[:, None]
-            chunks.append((len(tokens), length, row, first, causal[None, None]))
-            tokens += prompt[first:stop]
-            rows += [row] * length
+            chunks.append((len(tokens), length, piece.row, first, causal[None, None]))
+            tokens += piece.tokens[first:stop]
+            rows += [piece.row] * length
             positions += range(first, stop)
-            if last:
-                keep.append(len(tokens) - 1)
+            ends[i] = len(tokens) - 1  # the piece's last token: its later span comes after its early one
+        keep += [ends[i] for i, piece in enumerate(pieces) if piece.last]
         keep += keep[:1] * (self.min_rows - len(keep))  # the vocabulary projection is a matrix product too
         self.cache.plan(torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
         plan = AttentionPlan(self._decode_groups(decoding), chunks)
         ids = torch.tensor(tokens, device=dev)
         pos = torch.tensor(positions, device=dev)
         keep = torch.tensor(keep or [0], device=dev)
-        if self.lean is not None:
-            cache = self.cache
-            return self.lean(ids, pos, cache.write, lambda layer, module, queries: attend(
-                module, queries, cache.keys[layer], cache.values[layer], plan, module.scaling), keep)
-        out = lm.model(input_ids=ids[None], position_ids=pos[None], attention_mask=self._no_mask, cache=self.cache,
-                       use_cache=True, ragged_plan=plan, logits_to_keep=keep)
-        return out.logits[0]
+        try:
+            if self.lean is not None:
+                cache = self.cache
+                return self.lean(ids, pos, cache.write, lambda layer, module, queries: attend(
+                    module, queries, cache.keys[layer], cache.values[layer], plan, module.scaling), keep)
+            out = lm.model(input_ids=ids[None], position_ids=pos[None], attention_mask=self._no_mask,
+                           cache=self.cache, use_cache=True, ragged_plan=plan, logits_to_keep=keep)
+            return out.logits[0]
+        finally:
+            self.pass_rows.few = 0  # generate() on the same model: every row a prompt's
 
     def _decode_groups(self, decoding: list[DecodeRow]) -> list[tuple[int, int, int, torch.Tensor]]:
         """Ranges of decoding rows with one span, each with the additive mask ragged_attention takes."""
