@@ -505,17 +505,17 @@ def call_cost(rule: RowRule, decoding: int, prompts: int) -> int:
 
 
 def row_classes(layer: nn.Module, most: int, seed: int = 0) -> list[int]:
-    """For each count of rows from 1 to ``most``, the least count that computes every row of a large random block
-    as it does (each in groups of its count): counts with one class round a row alike."""
-    block = max(2 * most, min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS))
-    x = _random_rows(layer, block, seed)
+    """For each count of rows from 1 to ``most``, the least count that computes the rows of a large random block as
+    it does (each in groups of its count, every row of the block): counts with one class round a row alike."""
+    block = min(-(-_PROBE_OUTPUTS // layer.out_features), _PROBE_ROWS)
+    x = _random_rows(layer, block + most, seed)
     rows = on_rows(layer)
     seen: list[tuple[int, torch.Tensor]] = []
     classes = []
     with torch.inference_mode():
         for count in range(1, most + 1):
-            got = torch.cat([rows(x[i:i + count]) for i in range(0, block // count * count, count)])
-            alike = next((first for first, out in seen if torch.equal(got[:len(out)], out[:len(got)])), None)
+            got = torch.cat([rows(x[i:i + count]) for i in range(0, block, count)])[:block]
+            alike = next((first for first, out in seen if torch.equal(got, out)), None)
             if alike is None:
                 seen.append((count, got))
             classes.append(alike or count)
