@@ -462,10 +462,11 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0, prompts: in
     Given ``decoding`` (the most decoding rows of a pass), a rule that would
     pad a count of decoding rows gives way, where the layer rounds a row
     alike at every count of decoding rows (:func:`row_classes`), to the
-    cheaper of: calls of at most as many rows as it rounds so; and, given
-    ``prompts`` (the most rows of prompts a pass computes), decoding rows in a
-    call of their own and the prompts' rows in calls within another range of
-    counts that round alike (padded up to its least).
+    cheaper (:func:`call_cost`) of: calls of at most as many rows as it
+    rounds so; and, given ``prompts`` (the most rows of prompts a pass
+    computes), a pass's decoding rows (with its prompts' first positions:
+    :class:`PassRows`) in calls of those few rows, and the other rows in calls
+    within another range of counts that round alike (padded up to its least).
     """
     rules = [RowRule(least_rows(layer, counts))]
     if rules[0].least > 2:
@@ -477,7 +478,7 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0, prompts: in
         return rule
     top = max(counts[-1], decoding + prompts)
     runs = alike_runs(row_classes(layer, top))
-    first, last, _ = runs[0]
+    _, last, _ = runs[0]
     if last < decoding:
         return rule  # decoding rows round otherwise at some count of them
     choices = [RowRule(1, 1, last)] if last < top else []
