@@ -476,11 +476,11 @@ def row_rule(layer: nn.Module, counts: list[int], decoding: int = 0, prompts: in
     rule = min(rules, key=lambda rule: sum(padded_count(count, rule.least, rule.step) for count in counts))
     if not any(padded_count(count, rule.least, rule.step) > count for count in range(1, decoding + 1)):
         return rule
+    if least_rows(layer, list(range(1, decoding + 1))) > 1:
+        return rule  # decoding rows round otherwise at some count of them
     top = max(counts[-1], decoding + prompts)
     runs = alike_runs(row_classes(layer, top))
     _, last, _ = runs[0]
-    if last < decoding:
-        return rule  # decoding rows round otherwise at some count of them
     choices = [RowRule(1, 1, last)] if last < top else []
     if prompts:
         choices += [RowRule(least, 1, most if most < prompts else 0, last) for least, most, _ in runs[1:]]
