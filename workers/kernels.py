@@ -494,13 +494,15 @@ def call_cost(rule: RowRule, decoding: int, prompts: int) -> int:
     """What a pass of ``decoding`` and ``prompts`` rows costs in a layer so called: the rows it computes, padding
     too, and :data:`_CALL_ROWS` for each call."""
     def split(n: int) -> tuple[int, int]:  # calls and rows for n rows, in calls of most and one of the rest
+        if not n:
+            return 0, 0
         calls = -(-n // rule.most) if rule.most else 1
         rest = n - (calls - 1) * rule.most if rule.most else n
         return calls, n - rest + padded_count(rest, rule.least, rule.step)
 
     if rule.few and decoding:
         calls, rows = split(prompts)
-        return (calls - (not prompts) + -(-decoding // rule.few)) * _CALL_ROWS + rows + decoding
+        return (calls + -(-decoding // rule.few)) * _CALL_ROWS + rows + decoding
     calls, rows = split(decoding + prompts)
     return calls * _CALL_ROWS + rows
 
