@@ -629,7 +629,7 @@ def quantized_section(out: dict) -> list[str]:
     names = {"int8": "INT8", "int4": "INT4"}
     lines = ["## Quantized weights", "",
              f"`python -m scripts.bench_probe quantized 0 {q['rounds']}`: the engine alone (no stack), 16 slots, "
-             f"{q['dtype']}, with "
+             f"{q['dtype']}, each engine in a process of its own, with "
              "its linear layers as loaded and prepacked (`CHAT_QUANTIZE=none`, the default"
              + ("; float16 weights where it computes in float32, as below" if "float16" in out else "")
              + "); with INT8 weights, one "
@@ -697,7 +697,8 @@ def float16_section(out: dict) -> list[str]:
     engine_dtype = out["gauge_before"]["dtype"]
     return [
         "", "## Float16 weights on a float32 engine", "",
-        f"`python -m scripts.bench_probe float16 0 {h['rounds']}`: the engine alone (no stack), 16 slots, computing "
+        f"`python -m scripts.bench_probe float16 0 {h['rounds']}`: the engine alone (no stack), 16 slots, each "
+        "engine in a process of its own, computing "
         "in float32 (the dtype it picks on a CPU without native bfloat16; it picked "
         f"{engine_dtype} on this one), with its linear layers' weights in float16 through FBGEMM "
         "(`CHAT_FLOAT16_WEIGHTS=auto`, the default; the checkpoint's bfloat16 values, every one kept) against "
@@ -747,7 +748,8 @@ def reuse_section(r: dict) -> list[str]:
     return [
         "## Prompts kept across turns", "",
         f"`python -m scripts.bench_probe reuse 0`: the engine alone (no stack), 16 slots, {r['dtype']}; one engine "
-        f"keeping prompts (`CHAT_PREFIX_CACHE_MB={r['prefix_cache_mb']:g}`), one not (`0`), nothing else changed, "
+        f"keeping prompts (`CHAT_PREFIX_CACHE_MB={r['prefix_cache_mb']:g}`), one not (`0`), nothing else changed, each in "
+        "a process of its own as in a worker, "
         f"taken in turn (each first in turn; first turns prompt by prompt), {r['rounds']} rounds, medians. Turn 6 of a conversation whose history is "
         f"{r['history_tokens']} tokens (five turns, the model's own replies of up to 200 tokens); turn 5 served by "
         "the same engine just before, as affinity sends it, and its reply computed again to be kept (the engine "

@@ -9,16 +9,19 @@
     python -m scripts.bench_probe compiled  # a lone decoding pass compiled whole against the engine's eager one
     python -m scripts.bench_probe float16   # a float32 engine's linear layers with float16 weights against float32
 
-Each runs in a process of its own so that no other torch thread team shares the cores.
+Each runs in a process of its own so that no other torch thread team shares the cores; a probe that sets
+engines against each other gives each engine a process of its own (:class:`EngineProcess`).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import sys
 import threading
 import time
+import traceback
 
 import torch
 from transformers import DynamicCache
@@ -95,6 +98,78 @@ def start_engine(threads: int, prefix_cache_mb: float = 0.0, **load) -> Batching
                           shared_prefix=lambda tok: shared_prefix_ids(tok, SYSTEM)).start()
 
 
+class EngineProcess:
+    """A started engine (:func:`start_engine`'s arguments) in a process of its own, as a worker runs one, driven
+    through a pipe: ``engine(fn, *args)`` runs ``fn(the engine, *args)`` there and returns what it returns.
+
+    Two engines in one process slow each other down, even while one of them is idle. Each engine thread leads a
+    team of torch (OpenMP) threads of its own; once they outnumber the cores, libgomp stops spinning between
+    parallel regions, and each of a pass's hundreds of regions waits for threads to wake. With two engines in one
+    process, a lone short prompt's first token took 48 and 56 ms (the engine started first was the slower), against
+    30-31 ms with one engine (temporary script, 6 rounds of 8 prompts, bfloat16, this machine). So a probe that
+    sets engines against each other keeps each in its own process, and takes them in turn.
+    """
+
+    def __init__(self, threads: int, prefix_cache_mb: float = 0.0, **load):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread team inherited
+        self._pipe, theirs = context.Pipe()
+        self._process = context.Process(target=_serve, args=(theirs, threads, prefix_cache_mb, load), daemon=True)
+        self._process.start()
+        theirs.close()
+        self._answer()  # started
+
+    def __call__(self, fn, *args):
+        self._pipe.send((fn.__name__, args))
+        return self._answer()
+
+    def _answer(self):
+        ok, value = self._pipe.recv()
+        if not ok:
+            raise RuntimeError(f"in the engine's process: {value}")
+        return value
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._pipe.send(None)
+            self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _serve(pipe, threads: int, prefix_cache_mb: float, load: dict) -> None:
+    """An :class:`EngineProcess`'s own side: start the engine, then run each function named through ``pipe``."""
+    try:
+        eng = start_engine(threads, prefix_cache_mb, **load)
+    except Exception:
+        pipe.send((False, traceback.format_exc()))
+        return
+    pipe.send((True, None))
+    try:
+        while (call := pipe.recv()) is not None:
+            name, args = call
+            try:
+                pipe.send((True, globals()[name](eng, *args)))
+            except Exception:
+                pipe.send((False, traceback.format_exc()))
+    finally:
+        eng.stop()
+
+
+def engine_prompts(eng) -> list[list[int]]:
+    return prompts(eng.loaded)
+
+
+def described(eng) -> dict:
+    """What an engine runs: its dtype, its linear layers' kernels and how they are padded."""
+    return {"dtype": str(eng.loaded.dtype).removeprefix("torch."), "kernels": eng.loaded.kernels,
+            "padded": {kind: str(rule) for kind, rule in eng.padded.items() if rule.pads}}
+
+
+def first_token_s(eng, ids: list[int]) -> float:
+    """Seconds to the first token of a request alone (4 tokens asked)."""
+    return eng.generate(ids, SamplingParams(4), lambda _: None).first_token_s
+
+
 def turned(questions: list[dict], right: list[bool], wrong: list[bool], also: list[bool] | None = None) -> list[str]:
     """The questions answered right in ``right`` (and in ``also``, where given) but not in ``wrong``."""
     also = also or right
@@ -169,31 +244,33 @@ def quantized(threads: int, rounds: str = "3") -> dict:
     """Quantized weights (CHAT_QUANTIZE=int8 and int4) against the model's dtype: the factual questions, then in
     each round a lone request's ITL and 16 requests' tok/s on every engine in turn (the order turned each round);
     medians, and the median of the rounds' own ratios to the model's dtype."""
-    engines = {mode: start_engine(threads, quantize=mode) for mode in ("none", *QUANTIZE_MODES)}
+    engines = {}
     try:
+        for mode in ("none", *QUANTIZE_MODES):  # one process each (EngineProcess)
+            engines[mode] = EngineProcess(threads, quantize=mode)
         questions = json.loads(FACTUAL.read_text())["questions"]
-        right = {mode: factual(eng, questions) for mode, eng in engines.items()}
+        right = {mode: eng(factual, questions) for mode, eng in engines.items()}
         # The control: the same weights, unquantized, computed in the other dtype the engine picks on a CPU. A
         # question whose answer turns with that rounding alone is no test of a quantization.
-        dtype = str(engines["none"].loaded.dtype).removeprefix("torch.")
+        dtype = engines["none"](described)["dtype"]
         other = "float32" if dtype != "float32" else "bfloat16"
-        control = start_engine(threads, dtype=other)
+        control = EngineProcess(threads, dtype=other)
         try:
-            right_other = factual(control, questions)
+            right_other = control(factual, questions)
         finally:
             control.stop()
-        all_ids = prompts(engines["none"].loaded)
+        all_ids = engines["none"](engine_prompts)
         itl, tps = {m: [] for m in engines}, {m: [] for m in engines}
         for r in range(int(rounds)):
             for mode in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                itl[mode].append(lone(engines[mode], all_ids)["itl_ms"])
-                tps[mode].append(batch16_tps(engines[mode], all_ids))
+                itl[mode].append(engines[mode](lone, all_ids)["itl_ms"])
+                tps[mode].append(engines[mode](batch16_tps, all_ids))
         return {
             "dtype": dtype, "rounds": int(rounds), "control_dtype": other, "right_control": sum(right_other),
             "control_lost": turned(questions, right["none"], right_other),
             # Right unquantized in both dtypes, wrong quantized.
             "lost_in_both": {m: turned(questions, right["none"], right[m], right_other) for m in QUANTIZE_MODES},
-            "kernels": {m: e.loaded.kernels for m, e in engines.items()},
+            "kernels": {m: e(described)["kernels"] for m, e in engines.items()},
             "questions": len(questions), "right": {m: sum(r) for m, r in right.items()},
             "lost": {m: turned(questions, right["none"], right[m]) for m in QUANTIZE_MODES},
             "gained": {m: turned(questions, right[m], right["none"]) for m in QUANTIZE_MODES},
@@ -214,17 +291,19 @@ def float16(threads: int, rounds: str = "3") -> dict:
     float32) against one with float32 weights: the factual questions and how many greedy replies came out the same,
     then in each round a lone request (TTFT and ITL) and 16 requests at once on each in turn (the order turned each
     round); medians, and the median of the rounds' own ratios."""
-    engines = {name: start_engine(threads, dtype="float32", float16_weights=name == "float16")
-               for name in ("float16", "float32")}
+    engines = {}
     try:
+        for name in ("float16", "float32"):  # one process each (EngineProcess)
+            engines[name] = EngineProcess(threads, dtype="float32", float16_weights=name == "float16")
         questions = json.loads(FACTUAL.read_text())["questions"]
-        replies = {name: factual_replies(eng, questions) for name, eng in engines.items()}
-        right = {name: factual(eng, questions, replies[name]) for name, eng in engines.items()}
-        all_ids = prompts(engines["float32"].loaded)
+        replies = {name: eng(factual_replies, questions) for name, eng in engines.items()}
+        right = {name: eng(factual, questions, replies[name]) for name, eng in engines.items()}
+        all_ids = engines["float32"](engine_prompts)
         runs = {name: [] for name in engines}
         for r in range(int(rounds)):
             for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                runs[name].append({**lone(engines[name], all_ids), "batch16_tps": batch16_tps(engines[name], all_ids)})
+                runs[name].append({**engines[name](lone, all_ids),
+                                   "batch16_tps": engines[name](batch16_tps, all_ids)})
 
         def median(name: str, key: str) -> float:
             return statistics.median(run[key] for run in runs[name])
@@ -232,10 +311,10 @@ def float16(threads: int, rounds: str = "3") -> dict:
         def ratio(key: str) -> float:
             return statistics.median(a[key] / b[key] for a, b in zip(runs["float16"], runs["float32"]))
 
+        about = {name: eng(described) for name, eng in engines.items()}
         return {
-            "rounds": int(rounds), "kernels": {name: eng.loaded.kernels for name, eng in engines.items()},
-            "padded": {name: {kind: str(rule) for kind, rule in eng.padded.items() if rule.pads}
-                       for name, eng in engines.items()},
+            "rounds": int(rounds), "kernels": {name: a["kernels"] for name, a in about.items()},
+            "padded": {name: a["padded"] for name, a in about.items()},
             "questions": len(questions), "right": {name: sum(r) for name, r in right.items()},
             "lost": turned(questions, right["float32"], right["float16"]),
             "gained": turned(questions, right["float16"], right["float32"]),
@@ -384,33 +463,35 @@ def reuse(threads: int, rounds: str = "3") -> dict:
     (CHAT_PREFIX_CACHE_MB as set, 512 by default) and without (0); alone and beside 15 chats decoding; first
     turns; a multi-turn load's hit rate. Each round takes both engines in turn."""
     mb = Settings().prefix_cache_mb or 512
-    engines = {way: start_engine(threads, prefix_cache_mb=size) for way, size in (("on", mb), ("off", 0))}
+    engines = {}
     try:
-        convo = _conversation(engines["on"])
-        firsts = prompts(engines["on"].loaded)
+        for way, size in (("on", mb), ("off", 0)):  # one process each (EngineProcess)
+            engines[way] = EngineProcess(threads, prefix_cache_mb=size)
+        convo = engines["on"](_conversation)
+        firsts = engines["on"](engine_prompts)
         others = firsts * 2
         ttft = {f"{way}_{kind}": [] for way in engines for kind in ("alone", "beside15", "first_turn")}
         for r in range(int(rounds)):
             order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # each engine first in turn
             for way in order:
                 eng = engines[way]
-                _serve_turn_five(eng, convo[-2])
-                ttft[f"{way}_alone"].append(eng.generate(convo[-1], SamplingParams(4), lambda _: None).first_token_s)
-                _serve_turn_five(eng, convo[-2])
-                ttft[f"{way}_beside15"].append(_ttft_beside(eng, convo[-1], others[:15]))
+                eng(_serve_turn_five, convo[-2])
+                ttft[f"{way}_alone"].append(eng(first_token_s, convo[-1]))
+                eng(_serve_turn_five, convo[-2])
+                ttft[f"{way}_beside15"].append(eng(_ttft_beside, convo[-1], others[:15]))
             for eng in engines.values():
-                _until_kept(eng)  # the cancelled chats' replies computed again: idle work, not a first turn's
+                eng(_until_kept)  # the cancelled chats' replies computed again: idle work, not a first turn's
             for i, ids in enumerate(firsts):  # each prompt on both engines back to back, each first in turn
                 for way in order if i % 2 == 0 else order[::-1]:
-                    ttft[f"{way}_first_turn"].append(
-                        engines[way].generate(ids, SamplingParams(4), lambda _: None).first_token_s)
+                    time.sleep(0.05)  # the other process's torch threads stop spinning
+                    ttft[f"{way}_first_turn"].append(engines[way](first_token_s, ids))
         out = {"prefix_cache_mb": mb, "history_tokens": len(convo[-1]), "rounds": int(rounds),
-               "dtype": str(engines["on"].loaded.dtype).removeprefix("torch."),
+               "dtype": engines["on"](described)["dtype"],
                **{f"ttft_{k}_ms": 1000 * statistics.median(v) for k, v in ttft.items()}}
         for kind in ("alone", "beside15", "first_turn"):
             out[f"{kind}_off_over_on"] = out[f"ttft_off_{kind}_ms"] / out[f"ttft_on_{kind}_ms"]
-        out["load_on"] = _multi_turn_load(engines["on"])
-        out["load_off"] = _multi_turn_load(engines["off"])
+        out["load_on"] = engines["on"](_multi_turn_load)
+        out["load_off"] = engines["off"](_multi_turn_load)
         return out
     finally:
         for eng in engines.values():
