@@ -518,6 +518,25 @@ def test_later_turns_that_start_from_the_kept_prompt_answer_as_they_would_comput
     assert engine.kept_stats.hits >= 2 and replies_kept >= 1
 
 
+def test_an_idle_engine_copies_out_a_finished_turn_before_the_next_request_comes(engine):
+    """The keys and values of a finished turn's prompt, and of its reply computed again, are copied out of their
+    rows while the engine has nothing else to do, not in the next request's first pass."""
+    engine.forget_kept()
+    prompt = build_prompt_ids(engine.loaded.tokenizer, SYSTEM, [{"role": "user", "content": LONG_QUESTION}], 472)
+    reply = engine.generate(prompt, SamplingParams(120), lambda s: None)
+    wait_until_kept(engine)
+
+    def in_cache() -> dict[int, int]:
+        return {entry: keys[0].shape[1] for entry, (keys, _) in dict(engine.runner.cache.kept).items()}
+
+    deadline = time.monotonic() + 30
+    while in_cache() != engine.scheduler.kept.lengths():  # copied by the engine's thread, with no request to come
+        assert time.monotonic() < deadline, "the kept prompt waits for the next request to be copied out"
+        time.sleep(0.01)
+    prefix, tokens = len(engine.prefix), len(prompt) + reply.completion_tokens
+    assert max(in_cache().values()) == prefix + (tokens - prefix) // PREFILL_CHUNK * PREFILL_CHUNK  # reply too
+
+
 def wait_until_kept(engine, timeout: float = 60) -> None:
     """Until no finished turn's reply is being computed again to be kept."""
     deadline = time.monotonic() + timeout

@@ -141,7 +141,7 @@ class BatchingEngine:
             while not self._stopping:
                 try:
                     self._take_incoming()
-                    if sched.busy or sched.waiting:
+                    if sched.busy or sched.waiting or sched.has_moves:
                         self._step()
                 except Exception as exc:
                     # A failed pass fails every request in it; the engine keeps serving.
@@ -175,11 +175,15 @@ class BatchingEngine:
                     "unpadded" if runner.min_rows == 1 else f"padded to {runner.min_rows} rows", runner.invariance_s)
 
     def _take_incoming(self) -> None:
-        """Move submitted requests to the scheduler; wait for one when there is nothing to do."""
+        """Move submitted requests to the scheduler; wait for one when there is nothing to do.
+
+        Cache moves decided in the last pass (a kept prompt's keys and values to copy out) are something to do:
+        made while the engine is idle, they do not delay the next request's first pass.
+        """
         sched = self.scheduler
         while sched.has_room:
             try:
-                req = self._incoming.get(block=not sched.busy and not sched.waiting)
+                req = self._incoming.get(block=not (sched.busy or sched.waiting or sched.has_moves))
             except queue.Empty:
                 return
             if req is None:

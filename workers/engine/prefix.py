@@ -48,6 +48,10 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def lengths(self) -> dict[int, int]:
+        """How many tokens each kept entry holds, by id."""
+        return {entry_id: len(tokens) for entry_id, tokens in self._entries.items()}
+
     def lookup(self, prompt: list[int], origin: int, piece: int) -> tuple[int, int] | None:
         """The kept entry that shares the most tokens with the start of ``prompt``, and how many of them to take:
         whole pieces of ``piece`` tokens counted from ``origin`` (where the prompt's pieces are cut), more than

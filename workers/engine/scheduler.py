@@ -179,6 +179,12 @@ class Scheduler:
         return bool(self.running or self.filling or self.keepers)
 
     @property
+    def has_moves(self) -> bool:
+        """Whether cache moves are decided but not made: the next plan carries them, even with nothing to compute
+        (a finished keeper's keys and values to save, kept prompts to drop)."""
+        return bool(self._ops)
+
+    @property
     def has_room(self) -> bool:
         return len(self.running) + len(self.filling) < self.slots
 
