@@ -100,7 +100,8 @@ def start_engine(threads: int, prefix_cache_mb: float = 0.0, **load) -> Batching
 
 class EngineProcess:
     """A started engine (:func:`start_engine`'s arguments) in a process of its own, as a worker runs one, driven
-    through a pipe: ``engine(fn, *args)`` runs ``fn(the engine, *args)`` there and returns what it returns.
+    through a pipe: ``engine(fn, *args)`` runs ``fn(the engine, *args)`` there (``fn`` a function of this module,
+    found there by name) and returns what it returns.
 
     Two engines in one process slow each other down, even while one of them is idle. Each engine thread leads a
     team of torch (OpenMP) threads of its own; once they outnumber the cores, libgomp stops spinning between
