@@ -523,17 +523,16 @@ def peers_section(out: dict) -> list[str]:
              "| --- | --- | --- | --- | --- | --- |"]
     ok = {name: p for name, p in out["peers"].items()
           if "problem" not in p and all(p[f"c{c}"]["completed"] for c in (1, 4, 16))}
-    for name, runs in [("this stack (`/ws`)", stack), *((f"{n} ({p['detail']})", p) for n, p in ok.items())]:
-        for c in (1, 4, 16):
-            run = runs[f"c{c}"]
-            t, i = run["ttft_ms"], run["itl_ms"]
-            lines.append(f"| {name} | {c} | {run['tokens_per_s']} | {t['p50']} / {t['p99']} | {i['p50']} / {i['p99']} "
-                         f"| {run['errors']} |")
+    def row(name: str, c: int, run: dict) -> str:
+        t, i = run["ttft_ms"], run["itl_ms"]
+        return (f"| {name} | {c} | {run['tokens_per_s']} | {t['p50']} / {t['p99']} | {i['p50']} / {i['p99']} "
+                f"| {run['errors']} |")
+
+    for name, runs in [("this stack (`/ws`)", stack), *((n, p) for n, p in ok.items())]:
+        label = f"{name} ({runs['detail']})" if "detail" in runs else name
+        lines += [row(label, c, runs[f"c{c}"]) for c in (1, 4, 16)]
         if "c1_one_thread" in runs:
-            run = runs["c1_one_thread"]
-            t, i = run["ttft_ms"], run["itl_ms"]
-            lines.append(f"| {name.split(' (')[0]}, 1 thread | 1 | {run['tokens_per_s']} | {t['p50']} / {t['p99']} "
-                         f"| {i['p50']} / {i['p99']} | {run['errors']} |")
+            lines.append(row(f"{name}, 1 thread", 1, runs["c1_one_thread"]))
     for name, p in out["peers"].items():
         if "problem" in p:
             lines += ["", f"- {name}: not measured here: {p['problem']}"]
