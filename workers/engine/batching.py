@@ -141,7 +141,7 @@ class BatchingEngine:
             while not self._stopping:
                 try:
                     self._take_incoming()
-                    if sched.busy or sched.waiting or sched.has_moves:
+                    if sched.has_work:
                         self._step()
                 except Exception as exc:
                     # A failed pass fails every request in it; the engine keeps serving.
@@ -183,7 +183,7 @@ class BatchingEngine:
         sched = self.scheduler
         while sched.has_room:
             try:
-                req = self._incoming.get(block=not (sched.busy or sched.waiting or sched.has_moves))
+                req = self._incoming.get(block=not sched.has_work)
             except queue.Empty:
                 return
             if req is None:

@@ -185,6 +185,11 @@ class Scheduler:
         return bool(self._ops)
 
     @property
+    def has_work(self) -> bool:
+        """Whether the engine has a pass to make: requests in, waiting, or moves to make."""
+        return self.busy or bool(self.waiting) or self.has_moves
+
+    @property
     def has_room(self) -> bool:
         return len(self.running) + len(self.filling) < self.slots
 
