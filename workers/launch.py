@@ -52,6 +52,12 @@ def visible_gpus(setting: str | None, nvidia_smi: str | None = None) -> list[str
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a host pinned to some (``taskset``, a container's cpuset) splits those
+    among its workers, not every core of the machine."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
 def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int, metrics_port: int = 0) -> list[WorkerSpec]:
     """What to start: a worker per GPU, or ``cpu_workers`` CPU workers sharing the cores; the i-th serves its
     metrics on ``metrics_port + i`` (none where it is 0)."""
@@ -152,8 +158,7 @@ def main() -> int:
             logger.error("Cannot join: %s", problem)
         return preflight.EX_CONFIG
     gpus = visible_gpus(settings.gpus)
-    specs = plan(gpus, settings.cpu_workers, settings.torch_threads, os.cpu_count() or 1,
-                 settings.worker_metrics_port)
+    specs = plan(gpus, settings.cpu_workers, settings.torch_threads, usable_cores(), settings.worker_metrics_port)
     logger.info("Launching %d worker(s) on %s for queue %s", len(specs), "GPUs " + ",".join(gpus) if gpus else "CPU",
                 settings.queue)
     return Launcher(settings, specs).run()

@@ -1,10 +1,11 @@
 """Two worker hosts join one stack over a real network: each in a network namespace of its own (its own address,
-hostname and process tree), with its own data folder, HOME, TMPDIR and copy of the model, and an environment that
-holds the join settings only. Both serve; one lost mid-reply (every process of it killed at once), its requests
+hostname and process tree), on a core of its own as a machine would have its own, with its own data folder, HOME,
+TMPDIR and copy of the model, and an environment that holds the join settings only. Both serve; one lost mid-reply (every process of it killed at once), its requests
 finish on the other, stored once; a host with a bad join setting says which, and stops."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -93,8 +94,10 @@ def stored_once(stack, results: list) -> None:
 @pytest.fixture(scope="module")
 def hosts(remote_stack, network):
     root = remote_stack.root / "hosts"
-    started = [Host(root, f"cq-host-{i}", ns, join_env(remote_stack.settings)).start()
-               for i, ns in enumerate(network.namespaces, 1)]
+    # Each on a core of its own (where there are two): two engines' torch threads sharing cores wait on each other.
+    cores = sorted(os.sched_getaffinity(0))
+    started = [Host(root, f"cq-host-{i + 1}", ns, join_env(remote_stack.settings), cpus=str(cores[i % len(cores)]))
+               .start() for i, ns in enumerate(network.namespaces)]
     began = time.monotonic()
     try:
         deadline = began + 240

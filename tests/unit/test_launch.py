@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 
 from config.settings import ROOT, Settings
-from workers.launch import plan, restart_delay, visible_gpus, worker_argv, worker_env
+from workers.launch import plan, restart_delay, usable_cores, visible_gpus, worker_argv, worker_env
 
 
 def test_one_worker_per_gpu_pinned_and_named_after_it():
@@ -21,6 +24,16 @@ def test_cpu_workers_share_the_cores_and_see_no_gpu():
     assert all(s.env == {"CUDA_VISIBLE_DEVICES": "", "CHAT_DEVICE": "cpu", "CHAT_TORCH_THREADS": "1",
                          "CHAT_WORKER_METRICS_PORT": "0"} for s in specs)
     assert plan([], cpu_workers=1, torch_threads=3, cores=2)[0].env["CHAT_TORCH_THREADS"] == "3"
+
+
+def test_a_launcher_pinned_to_some_cores_shares_those_and_not_the_machines():
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    core = min(os.sched_getaffinity(0))
+    pinned = subprocess.run(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}}); from workers.launch import plan, "
+                               "usable_cores; print(plan([], 1, 0, usable_cores())[0].env['CHAT_TORCH_THREADS'])"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert pinned.stdout.strip() == "1"
 
 
 def test_each_worker_serves_its_metrics_on_a_port_of_its_own():
