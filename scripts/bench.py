@@ -68,8 +68,7 @@ class Bench:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
         self.scale = 0.5 if quick else 1.0
-        # A quick run gives the quantized probe one round, not its default: on a CPU without native bfloat16 its
-        # INT8 and INT4 engines take most of an hour for three.
+        # A quick run gives the quantized probe one round, not its default three.
         self.quantized_rounds = ("1",) if quick else ()
         self.base = Settings(data_dir=root, redis_port=free_port(), primary_port=free_port(),
                              replica_port=free_port(), web_port=free_port(), worker_metrics_port=free_port(),
@@ -659,8 +658,10 @@ def quantized_section(out: dict) -> list[str]:
              + "); with INT8 weights, one "
              "scale per output, through `torch.ops.aten._weight_int8pack_mm` (`CHAT_QUANTIZE=int8`); and with INT4 "
              "weights, 16 steps between each group of 32 weights' least and largest (as a Q4_1 file holds them), "
-             "through `torch.ops.aten._weight_int4pack_mm_for_cpu` (`CHAT_QUANTIZE=int4`). The vocabulary "
-             "projection keeps the model's dtype in both. First "
+             "through `torch.ops.aten._weight_int4pack_mm_for_cpu` (`CHAT_QUANTIZE=int4`)"
+             + (", both computed in bfloat16, their inputs and outputs rounded to it (the kernels' float32 paths "
+                "are far slower)" if all("computed in bfloat16" in q["kernels"][m] for m in modes) else "")
+             + ". The vocabulary projection keeps the model's dtype in both. First "
              f"the {q['questions']} short factual questions of `scripts/factual_questions.json` (fixed before any "
              "quantized run), greedy; then "
              + (f"in each of {q['rounds']} rounds a lone request's ITL and 16 requests at once on every engine in "
