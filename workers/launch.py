@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from config.logging import configure_logging
 from config.settings import ROOT, Settings
@@ -52,10 +53,17 @@ def visible_gpus(setting: str | None, nvidia_smi: str | None = None) -> list[str
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may run on: a host pinned to some (``taskset``, a container's cpuset) splits those
-    among its workers, not every core of the machine."""
-    return len(os.sched_getaffinity(0)) or 1
+    among its workers, not every core of the machine; under a CPU quota (a container's ``--cpus``, a pod's CPU
+    limit: cgroup v2's ``cpu.max``), no more than the whole cores it allows."""
+    cores = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        allowed = cores if quota == "max" else int(quota) // int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return cores
+    return max(1, min(cores, allowed))
 
 
 def plan(gpus: list[str], cpu_workers: int, torch_threads: int, cores: int, metrics_port: int = 0) -> list[WorkerSpec]:

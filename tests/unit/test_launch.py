@@ -36,6 +36,15 @@ def test_a_launcher_pinned_to_some_cores_shares_those_and_not_the_machines():
     assert pinned.stdout.strip() == "1"
 
 
+def test_under_a_cpu_quota_a_launcher_counts_the_whole_cores_it_allows(tmp_path):
+    cpu_max, cores = tmp_path / "cpu.max", len(os.sched_getaffinity(0))
+    for text, want in (("max 100000\n", cores), ("100000 100000\n", 1), ("150000 100000\n", 1),
+                       ("50000 100000\n", 1), (f"{(cores + 4) * 100000} 100000\n", cores), ("", cores)):
+        cpu_max.write_text(text)
+        assert usable_cores(cpu_max) == want, text
+    assert usable_cores(tmp_path / "none") == cores  # no cgroup v2 file: the cores alone
+
+
 def test_each_worker_serves_its_metrics_on_a_port_of_its_own():
     assert [s.env["CHAT_WORKER_METRICS_PORT"] for s in plan([], 3, 0, 2, metrics_port=9400)] == ["9400", "9401",
                                                                                                   "9402"]
