@@ -206,8 +206,8 @@ def padded_count(rows: int, least: int, step: int = 1) -> int:
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the quantized kernels compute a model of ``dtype`` in: bfloat16 for a float32 model, whose
-    input and output are rounded to it on the way, since their float32 paths are 5 to 25 times slower than
-    their bfloat16 ones even without native bfloat16 (measured per call at 1 to 64 rows, AVX2 and AVX-512)."""
+    input and output are rounded to it on the way, since their float32 paths are 4 to 60 times slower than
+    their bfloat16 ones even without native bfloat16 (per call of 1 to 64 rows, on AVX-512 and held to AVX2)."""
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 

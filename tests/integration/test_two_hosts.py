@@ -1,7 +1,8 @@
 """Two worker hosts join one stack over a real network: each in a network namespace of its own (its own address,
 hostname and process tree), on a core of its own as a machine would have its own, with its own data folder, HOME,
-TMPDIR and copy of the model, and an environment that holds the join settings only. Both serve; one lost mid-reply (every process of it killed at once), its requests
-finish on the other, stored once; a host with a bad join setting says which, and stops."""
+TMPDIR and copy of the model, and an environment that holds the join settings only. Both serve; one lost mid-reply
+(every process of it killed at once), its requests finish on the other, stored once; a host with a bad join setting
+says which, and stops."""
 
 from __future__ import annotations
 
