@@ -35,6 +35,7 @@ from scripts.services import (
     start_redis,
     start_web,
 )
+from workers.launch import usable_cores
 
 logger = logging.getLogger("bench")
 
@@ -181,7 +182,7 @@ class Bench:
     def peers(self, installed: list, dtype: str) -> dict:
         """Each peer server alone (the stack's workers stopped), through its OpenAI-compatible API: C=1, 4, 16."""
         out = {}
-        threads = self.base.torch_threads or os.cpu_count()
+        threads = self.base.torch_threads or usable_cores()  # as many as the launcher gives the stack's worker
         for peer in installed:
             if peer.problem:
                 out[peer.name] = {"problem": peer.problem}
