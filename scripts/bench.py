@@ -51,6 +51,9 @@ SMALL_BUDGET = 32
 TTFT_TRACE = ("chat_time_to_first_token_seconds", "chat_queue_wait_seconds", "chat_engine_first_token_seconds",
               "chat_engine_wait_seconds")
 DTYPES = ("float32", "bfloat16")  # the engine's dtypes on a CPU (bfloat16 emulated where the CPU lacks it)
+# What scripts.scale adds to the same JSON file from a run of its own (the capacity planner reads it): a run of this
+# script keeps it.
+SCALE_KEYS = ("capacity", "hosts")
 
 
 def probe(what: str, threads: int, *args: str) -> dict:
@@ -891,6 +894,12 @@ def sockets_section(s: dict) -> list[str]:
     ]
 
 
+def with_scale(out: dict, path: Path) -> dict:
+    """``out`` and the figures of :data:`SCALE_KEYS` that ``path`` holds from scripts.scale's last run."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    return {**out, **{key: earlier[key] for key in SCALE_KEYS if key in earlier}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -904,7 +913,9 @@ def main(argv: list[str] | None = None) -> int:
     if given:  # a run other than `make bench`'s own says how it was made
         out["command"] = f"`python -m scripts.bench {' '.join(given)}`"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks.json").write_text(json.dumps(out, indent=2))
+    path = args.out / "benchmarks.json"
+    out = with_scale(out, path)
+    path.write_text(json.dumps(out, indent=2))
     plot(out, args.out / "benchmarks.png")
     (args.out / "benchmarks.md").write_text(markdown(out))
     print(json.dumps(out["ratios"], indent=2))

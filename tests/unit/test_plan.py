@@ -105,3 +105,13 @@ def test_the_command_reads_the_measured_worker(tmp_path, capsys):
     assert main(["--rate", "2", "--reply-tokens", "64", "--ttft-p99", "0.1", "--benchmarks", str(path)]) == 1
     with pytest.raises(SystemExit):
         main(["--rate", "2", "--reply-tokens", "64", "--benchmarks", str(tmp_path / "none.json")])
+
+
+def test_a_bench_run_keeps_the_capacity_the_planner_reads(tmp_path):
+    from scripts.bench import with_scale
+
+    path = tmp_path / "benchmarks.json"
+    assert with_scale({"stack": 2}, path) == {"stack": 2}  # no earlier file
+    path.write_text(json.dumps({"stack": 1, "capacity": {"worker": CAP.__dict__}, "hosts": {"two_over_one": 1.9}}))
+    kept = with_scale({"stack": 2, "ratios": {}}, path)
+    assert kept == {"stack": 2, "ratios": {}, "capacity": {"worker": CAP.__dict__}, "hosts": {"two_over_one": 1.9}}
