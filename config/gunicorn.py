@@ -3,6 +3,7 @@
 import logging
 import os
 import resource
+import shutil
 import tempfile
 
 from config.heap import freeze_heap
@@ -49,9 +50,18 @@ _raise_open_files_limit(worker_connections + 256)
 
 
 # Several processes: prometheus_client adds their metrics up from files in this folder (set before any of them
-# imports it: the app is loaded in each worker, after this file).
+# imports it: the app is loaded in each worker, after this file). A folder made here goes when the server stops
+# (on_exit); one the operator gave stays. Marked in the environment, which a reload of this file keeps.
+_MADE = "_CHAT_MADE_METRICS_DIR"  # not a setting: no CHAT_ prefix
 if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-web-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_MADE] = tempfile.mkdtemp(prefix="chat-web-metrics-")
+
+
+def on_exit(server):
+    """The server stopping: the metrics folder made for it goes too."""
+    made = os.environ.get(_MADE)
+    if made and made == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def child_exit(server, worker):

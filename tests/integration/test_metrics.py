@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -95,8 +97,14 @@ def test_the_queue_depth_shows_what_waits_while_the_worker_is_paused(stack, clie
     assert value(scrape(stack.base_url + "/metrics"), "chat_workers_live", model=model) == 1
 
 
+def metrics_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("chat-web-metrics-*"))
+
+
 def test_several_web_processes_report_one_sum(stack):
+    before = metrics_folders()
     with second_web(stack, web_workers=2) as (url, _):
+        made = metrics_folders() - before  # where its processes add up their metrics
         accepted_before = value(scrape(url + "/metrics"), "chat_requests_accepted_total")
         clients = [Client(url) for _ in range(6)]  # new connections: the kernel spreads them over the processes
         try:
@@ -107,3 +115,4 @@ def test_several_web_processes_report_one_sum(stack):
             for c in clients:
                 c.close()
     assert counts == [accepted_before + 6] * 6
+    assert len(made) == 1 and not any(folder.exists() for folder in made)  # gone with the server
